@@ -1,0 +1,182 @@
+"""ContactsClient: builds `GET /api/contacts` requests, turns answers into pages or typed errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from sync import __version__
+from sync.config import ApiSettings
+from sync.errors import MalformedResponse, RequestRejected, TransportFailure, UpstreamError
+from sync.retry import RetryPolicy
+from sync.rows import ParsedPage, parse_items
+
+__all__ = ["MAX_BODY_BYTES", "ContactsClient", "Page", "format_filter_time"]
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+"""A 100-row page is a few hundred KiB at most; anything far larger is refused, not buffered."""
+
+CONTACTS_PATH = "/api/contacts"
+
+
+def format_filter_time(moment: datetime) -> str:
+    """The documented filter format: UTC, whole seconds, `Z` (so no `+` ever needs encoding)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    offset: int
+    limit: int
+    parsed: ParsedPage
+    server_time: datetime | None
+    """The response's Date header: the upstream clock, used to bound the cursor."""
+
+    @property
+    def size(self) -> int:
+        """How many items were served, valid or not; fewer than `limit` ends a pass."""
+        return len(self.parsed.keys)
+
+
+class ContactsClient:
+    """One company-agnostic HTTP client; thread-safe, so pages may be fetched concurrently."""
+
+    def __init__(
+        self,
+        settings: ApiSettings,
+        token: str,
+        retry: RetryPolicy,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._settings = settings
+        self._retry = retry
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json",
+            "User-Agent": f"contacts-sync/{__version__}",
+        }
+        if settings.api_version:
+            headers[settings.version_header] = settings.api_version
+        timeout = httpx.Timeout(settings.timeout_s, connect=min(10.0, settings.timeout_s))
+        self._http = httpx.Client(
+            base_url=settings.base_url,
+            headers=headers,
+            timeout=timeout,
+            follow_redirects=False,
+            transport=transport,
+            limits=httpx.Limits(max_connections=max(4, settings.concurrency * 2)),
+        )
+
+    def __enter__(self) -> ContactsClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def fetch_page(
+        self, company_id: str, *, offset: int, limit: int, updated_after: datetime | None
+    ) -> Page:
+        """One page, retried per the policy; raises a typed error when it cannot be had."""
+        params: dict[str, str | int] = {"limit": limit, "offset": offset}
+        if updated_after is not None:
+            params["updated_at"] = f"gt:{format_filter_time(updated_after)}"
+        if self._settings.client_id is not None:
+            params["client_id"] = self._settings.client_id
+        headers = {self._settings.company_header: company_id}
+        return self._retry.call(lambda: self._get_page(params, headers, offset, limit))
+
+    def _get_page(
+        self, params: dict[str, str | int], headers: dict[str, str], offset: int, limit: int
+    ) -> Page:
+        try:
+            with self._http.stream("GET", CONTACTS_PATH, params=params, headers=headers) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    raise _non_200_error(resp)
+                body = _read_capped(resp)
+                items = _decode_items(resp, body)
+                server_time = _server_time(resp)
+        except httpx.TimeoutException:
+            raise TransportFailure(
+                f"The API did not answer within {self._settings.timeout_s:g} s; "
+                "check the network or raise api.timeout_s."
+            ) from None
+        except httpx.TransportError as exc:
+            raise TransportFailure(
+                f"The connection to the API failed ({type(exc).__name__}); "
+                "check api.base_url and the network."
+            ) from None
+        return Page(offset=offset, limit=limit, parsed=parse_items(items), server_time=server_time)
+
+
+def _non_200_error(response: httpx.Response) -> UpstreamError:
+    if response.is_redirect:
+        return RequestRejected(
+            f"The API answered with a redirect ({response.status_code}), which is never "
+            "followed so the token cannot leak; set api.base_url to the final address.",
+            status=response.status_code,
+        )
+    return UpstreamError.from_response(response)
+
+
+def _read_capped(response: httpx.Response) -> bytes:
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise MalformedResponse(_too_large())
+    chunks: list[bytes] = []
+    received = 0
+    for chunk in response.iter_bytes():
+        received += len(chunk)
+        if received > MAX_BODY_BYTES:
+            raise MalformedResponse(_too_large())
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large() -> str:
+    return (
+        f"The API sent a page larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB; "
+        "check api.base_url points at the contacts API."
+    )
+
+
+def _decode_items(response: httpx.Response, body: bytes) -> list[Any]:
+    content_type = response.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise MalformedResponse(
+            f"The API answered 200 with content type {media or 'none'} instead of JSON; "
+            "check api.base_url points at the contacts API."
+        )
+    try:
+        items = json.loads(body)
+    except ValueError:
+        raise MalformedResponse(
+            "The API answered 200 with a body that is not valid JSON; "
+            "run again later, and report it upstream if it persists."
+        ) from None
+    if not isinstance(items, list):
+        raise MalformedResponse(
+            f"The API answered 200 with a JSON {type(items).__name__} instead of a list; "
+            "check api.base_url points at the contacts API."
+        )
+    return items
+
+
+def _server_time(response: httpx.Response) -> datetime | None:
+    value = response.headers.get("date")
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).astimezone(UTC)
+    except (TypeError, ValueError):
+        return None

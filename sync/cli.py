@@ -1,0 +1,232 @@
+"""The command line: each command parses, builds objects, calls one function, maps the exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sync.config import Settings, load_settings
+from sync.engine import CompanyOutcome, PassObserver, SyncEngine
+from sync.errors import ConfigError, SyncError, exit_code_for, severity_rank, worst_exit_code
+from sync.log import configure_logging, get_logger, redactor
+from sync.progress import progress_for
+from sync.rows import parse_timestamp
+from sync.scheduler import Daemon
+from sync.store import CompanyStatus, MirrorStore
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Keep a local SQL mirror of the CRM's contacts list, incrementally and exactly.",
+)
+log = get_logger("sync.cli")
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Config file (default ./sync.toml, or $CONTACTS_SYNC_CONFIG).",
+            dir_okay=False,
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = config
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = load_settings(ctx.obj)
+    configure_logging(settings.log.level, settings.log.format)
+    return settings
+
+
+@contextmanager
+def _engine(
+    settings: Settings,
+    observer: PassObserver | None = None,
+    stop: threading.Event | None = None,
+) -> Iterator[SyncEngine]:
+    store = MirrorStore.open(settings.database.url)
+    try:
+        engine = SyncEngine.from_settings(settings, store, observer=observer, stop=stop)
+        try:
+            yield engine
+        finally:
+            engine.close()
+    finally:
+        store.close()
+
+
+def _companies(settings: Settings, company: str | None) -> list[str]:
+    if company is None:
+        return list(settings.api.companies)
+    if company not in settings.api.companies:
+        raise ConfigError(
+            f"Company {company} is not in api.companies; add it to the config "
+            f"or pick one of {', '.join(settings.api.companies)}."
+        )
+    return [company]
+
+
+def _finish(outcomes: Sequence[CompanyOutcome]) -> int:
+    """Say what failed, worst first, one sentence per company; return the run's exit code."""
+    failed = sorted(outcomes, key=lambda o: severity_rank(o.exit_code))
+    for outcome in failed:
+        if outcome.error is not None:
+            _say_error(f"Company {outcome.company_id}: {outcome.error.message}")
+    return worst_exit_code([o.exit_code for o in outcomes])
+
+
+def _say_error(message: str) -> None:
+    print(redactor().scrub(message), file=sys.stderr)
+
+
+@app.command()
+def run(ctx: typer.Context) -> int:
+    """Run as a daemon: scheduled incremental passes until SIGTERM or SIGINT, then exit 0."""
+    settings = _settings(ctx)
+    stop = threading.Event()
+    with _engine(settings, stop=stop) as engine:
+        Daemon(settings, engine, stop).run()
+    return 0
+
+
+@app.command()
+def once(ctx: typer.Context) -> int:
+    """Run one incremental pass for every configured company, then exit."""
+    settings = _settings(ctx)
+    with _engine(settings) as engine:
+        return _finish(engine.sync_all(settings.api.companies))
+
+
+@app.command()
+def backfill(
+    ctx: typer.Context,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Load rows updated after this ISO-8601 time instead of all rows."),
+    ] = None,
+    company: Annotated[str | None, typer.Option(help="Only this company id.")] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Discard an interrupted backfill's checkpoint.")
+    ] = False,
+) -> int:
+    """Load everything, or everything since a time; resumable, never moves a cursor back."""
+    settings = _settings(ctx)
+    since_at = _parse_since(since)
+    companies = _companies(settings, company)
+    with progress_for(stderr) as progress, _engine(settings, progress) as engine:
+        outcomes = engine.sync_all(companies, backfill=True, since=since_at, restart=restart)
+    return _finish(outcomes)
+
+
+def _parse_since(since: str | None) -> datetime | None:
+    if since is None:
+        return None
+    try:
+        return parse_timestamp(since)
+    except ValueError:
+        raise ConfigError(
+            f"--since {since!r} is not an ISO-8601 time; write it like 2024-01-31T00:00:00Z."
+        ) from None
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> int:
+    """Show each company's cursor, last success, last error and row counts."""
+    settings = _settings(ctx)
+    store = MirrorStore.open(settings.database.url)
+    try:
+        rows = store.status(settings.api.companies)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps({"companies": [_status_json(r) for r in rows]}, indent=2))
+    else:
+        stdout.print(_status_table(rows))
+    return 0
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat().replace("+00:00", "Z") if moment is not None else None
+
+
+def _status_json(row: CompanyStatus) -> dict[str, Any]:
+    return {
+        "company_id": row.company_id,
+        "cursor": _iso(row.cursor),
+        "last_success_at": _iso(row.last_success_at),
+        "last_error": redactor().scrub(row.last_error),
+        "last_error_at": _iso(row.last_error_at),
+        "contacts": row.contacts,
+        "deleted": row.deleted,
+        "quarantined": row.quarantined,
+    }
+
+
+def _status_table(rows: Sequence[CompanyStatus]) -> Table:
+    table = Table(title="contacts-sync status")
+    for column in ("company", "cursor", "last success", "last error", "contacts", "deleted"):
+        table.add_column(column)
+    table.add_column("quarantined")
+    for row in rows:
+        table.add_row(
+            row.company_id,
+            _iso(row.cursor) or "-",
+            _iso(row.last_success_at) or "never",
+            redactor().scrub(row.last_error) or "-",
+            f"{row.contacts:,}",
+            f"{row.deleted:,}",
+            f"{row.quarantined:,}",
+        )
+    return table
+
+
+def main() -> None:
+    """Console-script entry point: runs a command and exits with the contract's code."""
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        _say_error("Interrupted; run the same command again to resume where it stopped.")
+        code = 130
+    except click.ClickException as exc:
+        exc.show()
+        code = 2
+    except SyncError as exc:
+        _say_error(exc.message)
+        code = exit_code_for(exc)
+    except KeyboardInterrupt:
+        _say_error("Interrupted; run the same command again to resume where it stopped.")
+        code = 130
+    except Exception:
+        log.exception("internal_error")
+        _say_error(
+            'contacts-sync hit an internal error; rerun with log.level = "debug" '
+            "and report the log above."
+        )
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

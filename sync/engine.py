@@ -1,0 +1,335 @@
+"""A sync pass: cursor -> filter -> pages -> store -> cursor, for one company at a time.
+
+The cursor is the point up to which the mirror is known complete. It is advanced in one place,
+`_finish_pass`, only after every page of the pass is committed, and never past the moment the
+pass began: a row updated while the pass paged may have moved behind the walk, so the next pass
+must look again from there.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from sync.api import ContactsClient, Page
+from sync.config import Settings
+from sync.errors import (
+    DatabaseError,
+    PassInterrupted,
+    SyncError,
+    TransientUpstreamError,
+    exit_code_for,
+)
+from sync.log import get_logger, redactor
+from sync.paging import WalkStats, walk_pages
+from sync.retry import RetryPolicy
+from sync.store import Checkpoint, MirrorStore
+
+__all__ = [
+    "CompanyOutcome",
+    "PassObserver",
+    "PassReport",
+    "SyncEngine",
+    "floor_to_second",
+]
+
+log = get_logger("sync.engine")
+
+INCREMENTAL = "incremental"
+BACKFILL = "backfill"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def floor_to_second(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(microsecond=0)
+
+
+@dataclass
+class PassReport:
+    """What one pass did; logged as one event and kept as the company's last pass summary."""
+
+    company_id: str
+    mode: str
+    filter_since: datetime | None
+    resumed: bool
+    cursor_before: datetime | None
+    cursor_after: datetime | None = None
+    pages: int = 0
+    rows_fetched: int = 0
+    upserted: int = 0
+    quarantined: int = 0
+    requests: int = 0
+    realignments: int = 0
+    retries: dict[str, int] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    def as_event(self) -> dict[str, Any]:
+        fields = asdict(self)
+        for name in ("filter_since", "cursor_before", "cursor_after"):
+            moment = fields[name]
+            fields[name] = moment.isoformat() if moment is not None else None
+        return fields
+
+
+class PassObserver(Protocol):
+    """Progress hooks for a display; the engine works the same without one."""
+
+    def pass_started(self, company_id: str, mode: str, resumed: bool) -> None: ...
+
+    def page_stored(self, company_id: str, pages: int, rows: int) -> None: ...
+
+    def pass_finished(self, report: PassReport) -> None: ...
+
+
+@dataclass(frozen=True)
+class CompanyOutcome:
+    company_id: str
+    report: PassReport | None
+    error: SyncError | None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.error is None else exit_code_for(self.error)
+
+
+class SyncEngine:
+    """Runs passes against one API client and one mirror store; holds no global state."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: ContactsClient,
+        store: MirrorStore,
+        *,
+        retries: Counter[str] | None = None,
+        observer: PassObserver | None = None,
+        clock: Callable[[], datetime] = utc_now,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self._settings = settings
+        self._stop = stop
+        self._client = client
+        self._store = store
+        self._retries = retries if retries is not None else Counter()
+        self._observer = observer
+        self._clock = clock
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        store: MirrorStore,
+        *,
+        observer: PassObserver | None = None,
+        stop: threading.Event | None = None,
+    ) -> SyncEngine:
+        """Wire a client with the configured retry policy; the token is registered for redaction."""
+        token = settings.api.resolve_token()
+        redactor().add(token)
+        retries: Counter[str] = Counter()
+
+        def count_retry(error: TransientUpstreamError, delay: float) -> None:
+            retries[error.reason] += 1
+            log.warning("upstream.retry", reason=error.reason, status=error.status, delay_s=delay)
+
+        policy = RetryPolicy(
+            max_attempts=settings.retry.max_attempts,
+            max_elapsed_s=settings.retry.max_elapsed_s,
+            on_retry=count_retry,
+        )
+        client = ContactsClient(settings.api, token, policy)
+        return cls(settings, client, store, retries=retries, observer=observer, stop=stop)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def sync_all(
+        self,
+        companies: Sequence[str],
+        *,
+        backfill: bool = False,
+        since: datetime | None = None,
+        restart: bool = False,
+    ) -> list[CompanyOutcome]:
+        """One pass per company; a company that fails does not stop the others."""
+        outcomes = []
+        for company_id in companies:
+            try:
+                report = self.sync_company(
+                    company_id, backfill=backfill, since=since, restart=restart
+                )
+            except SyncError as exc:
+                outcomes.append(CompanyOutcome(company_id, None, exc))
+            else:
+                outcomes.append(CompanyOutcome(company_id, report, None))
+        return outcomes
+
+    def sync_company(
+        self,
+        company_id: str,
+        *,
+        backfill: bool = False,
+        since: datetime | None = None,
+        restart: bool = False,
+    ) -> PassReport:
+        """One complete pass under the company's lock; on failure the cursor stays where it was."""
+        with self._store.company_lock(company_id):
+            try:
+                return self._run_pass(company_id, backfill=backfill, since=since, restart=restart)
+            except PassInterrupted:
+                raise
+            except SyncError as exc:
+                self._record_failure(company_id, exc)
+                raise
+
+    def _record_failure(self, company_id: str, exc: SyncError) -> None:
+        log.error("pass.failed", company_id=company_id, error=exc.message, exit_code=exc.exit_code)
+        try:
+            self._store.record_failure(company_id, exc.message, self._clock())
+        except DatabaseError:
+            log.warning("pass.failure_not_recorded", company_id=company_id)
+
+    def _run_pass(
+        self, company_id: str, *, backfill: bool, since: datetime | None, restart: bool
+    ) -> PassReport:
+        started = time.monotonic()
+        state = self._store.read_state(company_id)
+        mode, filter_since = self._plan(state.cursor, backfill=backfill, since=since)
+        checkpoint = self._store.load_checkpoint(company_id)
+        if checkpoint is not None and (restart or not _resumable(checkpoint, mode, filter_since)):
+            self._store.clear_checkpoint(company_id)
+            checkpoint = None
+        if checkpoint is not None:
+            mode, filter_since = checkpoint.mode, checkpoint.filter_since
+        report = PassReport(
+            company_id=company_id,
+            mode=mode,
+            filter_since=filter_since,
+            resumed=checkpoint is not None,
+            cursor_before=state.cursor,
+        )
+        retries_before = Counter(self._retries)
+        log.info(
+            "pass.started",
+            company_id=company_id,
+            mode=mode,
+            filter_since=filter_since.isoformat() if filter_since else None,
+            resumed=report.resumed,
+        )
+        if self._observer is not None:
+            self._observer.pass_started(company_id, mode, report.resumed)
+        walked = self._walk(company_id, mode, filter_since, checkpoint, report)
+        report.retries = dict(Counter(self._retries) - retries_before)
+        report.duration_s = round(time.monotonic() - started, 3)
+        report.cursor_after = self._finish_pass(company_id, walked, report)
+        log.info("pass.finished", **report.as_event())
+        if self._observer is not None:
+            self._observer.pass_finished(report)
+        return report
+
+    def _plan(
+        self, cursor: datetime | None, *, backfill: bool, since: datetime | None
+    ) -> tuple[str, datetime | None]:
+        """The pass's mode and its `gt:` filter (None: the whole list)."""
+        if backfill:
+            return BACKFILL, floor_to_second(since) if since is not None else None
+        if cursor is not None:
+            lookback = timedelta(seconds=self._settings.sync.lookback_s)
+            return INCREMENTAL, floor_to_second(cursor - lookback)
+        initial = self._settings.sync.initial_since
+        return INCREMENTAL, floor_to_second(initial) if initial is not None else None
+
+    def _walk(
+        self,
+        company_id: str,
+        mode: str,
+        filter_since: datetime | None,
+        checkpoint: Checkpoint | None,
+        report: PassReport,
+    ) -> tuple[datetime | None, datetime]:
+        """Page through the list, storing each page with the checkpoint that resumes after it."""
+        api = self._settings.api
+        pass_began = checkpoint.started_at if checkpoint else self._clock()
+        high_water = checkpoint.high_water if checkpoint else None
+        pages = checkpoint.pages if checkpoint else 0
+        rows = checkpoint.rows if checkpoint else 0
+        stats = WalkStats()
+
+        def fetch(offset: int) -> Page:
+            return self._client.fetch_page(
+                company_id, offset=offset, limit=api.page_size, updated_after=filter_since
+            )
+
+        steps = walk_pages(
+            fetch,
+            limit=api.page_size,
+            concurrency=api.concurrency,
+            start_offset=checkpoint.next_offset if checkpoint else 0,
+            anchors=checkpoint.anchors if checkpoint else (),
+            stats=stats,
+        )
+        for step in steps:
+            page = step.page
+            if checkpoint is None and report.pages == 0 and page.server_time is not None:
+                pass_began = min(pass_began, page.server_time)
+            parsed = page.parsed
+            if parsed.rows:
+                newest = max(row.updated_at for row in parsed.rows)
+                high_water = newest if high_water is None else max(high_water, newest)
+            pages += 1
+            rows += len(parsed.rows)
+            saved = Checkpoint(
+                mode=mode,
+                filter_since=filter_since,
+                next_offset=step.next_offset,
+                anchors=step.anchors,
+                high_water=high_water,
+                started_at=pass_began,
+                pages=pages,
+                rows=rows,
+            )
+            report.upserted += self._store.write_page(
+                company_id, parsed.rows, parsed.rejected, saved, self._clock()
+            )
+            report.pages += 1
+            report.rows_fetched += len(parsed.rows)
+            report.quarantined += len(parsed.rejected)
+            if parsed.rejected:
+                log.warning(
+                    "rows.quarantined",
+                    company_id=company_id,
+                    count=len(parsed.rejected),
+                    first_reason=parsed.rejected[0].reason,
+                )
+            if self._observer is not None:
+                self._observer.page_stored(company_id, pages, rows)
+            if self._stop is not None and self._stop.is_set() and not step.last:
+                raise PassInterrupted(company_id)
+        report.requests = stats.requests
+        report.realignments = stats.realignments
+        return high_water, pass_began
+
+    def _finish_pass(
+        self, company_id: str, walked: tuple[datetime | None, datetime], report: PassReport
+    ) -> datetime | None:
+        """Advance the cursor: to the newest row seen, but never past the pass's start."""
+        high_water, pass_began = walked
+        target = None if high_water is None else min(high_water, pass_began)
+        return self._store.advance_cursor(
+            company_id, target, self._clock(), summary=report.as_event()
+        )
+
+
+def _resumable(checkpoint: Checkpoint, mode: str, filter_since: datetime | None) -> bool:
+    """A checkpoint is taken up by a pass of the same kind, and an interrupted backfill by any."""
+    if checkpoint.mode == BACKFILL and mode == INCREMENTAL:
+        return True
+    return checkpoint.mode == mode and checkpoint.filter_since == filter_since

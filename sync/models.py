@@ -1,0 +1,176 @@
+"""The mirror's tables as SQLModel classes; Alembic compares migrations against this metadata.
+
+`contacts` is the contract's reporting schema; the other tables are contacts-sync's own.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Table, Text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "VERSION_TABLE",
+    "CheckpointRecord",
+    "Contact",
+    "QuarantineEntry",
+    "SyncState",
+    "UTCDateTime",
+    "metadata",
+    "sqlite_timestamp",
+    "table_of",
+]
+
+VERSION_TABLE = "contacts_sync_schema_version"
+"""Alembic's version table, named so that it never collides with a user's own Alembic."""
+
+metadata = SQLModel.metadata
+
+
+_SQLITE_FORMAT = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
+
+
+def sqlite_timestamp(value: datetime) -> str:
+    """The text UTCDateTime stores on SQLite, `YYYY-MM-DD HH:MM:SS.ffffff` in UTC.
+
+    The same format SQLAlchemy's SQLite DateTime writes, built fast for the bulk upsert.
+    """
+    if value.tzinfo is not UTC:
+        value = _as_utc(value)
+    return _SQLITE_FORMAT % (
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+    )
+
+
+def _as_utc(value: datetime) -> datetime:
+    if value.utcoffset() is None:
+        raise ValueError(f"naive datetime {value.isoformat()} given; the mirror stores aware UTC")
+    return value.astimezone(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """timestamptz on PostgreSQL, naive UTC text on SQLite; aware UTC in and out."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        # SQLite's DateTime stores sortable text, so reporting SQL can compare it to a date string.
+        return dialect.type_descriptor(DateTime(timezone=dialect.name != "sqlite"))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = _as_utc(value)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _json() -> TypeEngine[Any]:
+    """JSON text on SQLite, JSONB on PostgreSQL; Python None is SQL NULL, not JSON null."""
+    return JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+def _text() -> Any:
+    return Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+def _timestamp(*, nullable: bool) -> Any:
+    if nullable:
+        return Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+    return Field(sa_column=Column(UTCDateTime, nullable=False))
+
+
+class Contact(SQLModel, table=True):
+    """One upstream contact; `deleted_at` is set by reconcile when it vanished upstream."""
+
+    __tablename__ = "contacts"
+    __table_args__ = (Index("ix_contacts_company_id_updated_at", "company_id", "updated_at"),)
+
+    company_id: str = Field(sa_column=Column(Text, primary_key=True))
+    id: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    client_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    email: str | None = _text()
+    name: str | None = _text()
+    surname: str | None = _text()
+    role: str | None = _text()
+    notes: str | None = _text()
+    linkedin: str | None = _text()
+    description: str | None = _text()
+    telephone: str | None = _text()
+    created_at: datetime | None = _timestamp(nullable=True)
+    updated_at: datetime = _timestamp(nullable=False)
+    synced_at: datetime = _timestamp(nullable=False)
+    deleted_at: datetime | None = _timestamp(nullable=True)
+    extra: dict[str, Any] | None = Field(default=None, sa_column=Column(_json(), nullable=True))
+
+
+class SyncState(SQLModel, table=True):
+    """Per company: the cursor (advanced only after a whole pass is committed) and last outcome."""
+
+    __tablename__ = "sync_state"
+
+    company_id: str = Field(sa_column=Column(Text, primary_key=True))
+    cursor: datetime | None = _timestamp(nullable=True)
+    last_success_at: datetime | None = _timestamp(nullable=True)
+    last_error: str | None = _text()
+    last_error_at: datetime | None = _timestamp(nullable=True)
+    last_pass: dict[str, Any] | None = Field(default=None, sa_column=Column(_json(), nullable=True))
+
+
+class QuarantineEntry(SQLModel, table=True):
+    """An upstream item that could not be stored, kept with its reason for `status`."""
+
+    __tablename__ = "quarantine"
+    __table_args__ = (Index("ix_quarantine_company_id", "company_id"),)
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    company_id: str = Field(sa_column=Column(Text, nullable=False))
+    contact_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    seen_at: datetime = _timestamp(nullable=False)
+
+
+class CheckpointRecord(SQLModel, table=True):
+    """Where an unfinished pass stands, so a killed backfill resumes instead of restarting."""
+
+    __tablename__ = "checkpoints"
+
+    company_id: str = Field(sa_column=Column(Text, primary_key=True))
+    mode: str = Field(sa_column=Column(Text, nullable=False))
+    filter_since: datetime | None = _timestamp(nullable=True)
+    next_offset: int = Field(sa_column=Column(Integer, nullable=False))
+    anchors: list[Any] = Field(sa_column=Column(_json(), nullable=False))
+    high_water: datetime | None = _timestamp(nullable=True)
+    started_at: datetime = _timestamp(nullable=False)
+    pages: int = Field(sa_column=Column(Integer, nullable=False))
+    rows: int = Field(sa_column=Column(Integer, nullable=False))
+    updated_at: datetime = _timestamp(nullable=False)
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """The Core table behind a model: the store writes through Core, never the ORM."""
+    return metadata.tables[str(model.__tablename__)]

@@ -1,0 +1,213 @@
+"""Walking offsets over a live, unordered list without losing rows.
+
+Each page is requested so that it overlaps the previous one, and is accepted only once it is
+*aligned*: it contains a row already read, unchanged (same id and updated_at). Unchanged rows
+keep their relative order whatever the server orders by, so every unread unchanged row lies
+after that anchor. When no anchor is found, rows shifted backwards by more than the overlap:
+the walk steps back a page and looks again; the overlap widens after a shift and narrows again
+while nothing moves, so a quiet list costs one row per page. Pages are prefetched concurrently
+at predicted offsets; a misaligned page discards the prefetched ones.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from sync.api import Page
+from sync.errors import PagingUnstable
+from sync.rows import RowKey
+
+__all__ = ["PageStep", "WalkStats", "walk_pages"]
+
+_QUIET_PAGES_BEFORE_NARROWING = 5
+
+
+@dataclass(frozen=True, slots=True)
+class PageStep:
+    """A fetched page, and where a resumed walk would go on from (after storing it)."""
+
+    page: Page
+    aligned: bool
+    next_offset: int
+    anchors: list[RowKey]
+    last: bool
+
+
+@dataclass
+class WalkStats:
+    requests: int = 0
+    realignments: int = 0
+    discarded: int = 0
+    shifts_absorbed: int = 0
+    window: int = 1
+    overlap: int = 1
+
+
+def _anchor_position(keys: Sequence[RowKey | None], anchors: set[RowKey]) -> int | None:
+    """The last position in the page holding an unchanged row read before, if any."""
+    for position in range(len(keys) - 1, -1, -1):
+        key = keys[position]
+        if key is not None and key in anchors:
+            return position
+    return None
+
+
+def _realignment_budget(aligned_pages: int) -> int:
+    """How many step-backs a walk may make before it gives up (leaving the cursor alone)."""
+    return 10 + aligned_pages // 2
+
+
+class _Alignment:
+    """What the walk has read, and how much the next page must overlap it to find it again."""
+
+    def __init__(self, limit: int, start_offset: int, anchors: Sequence[RowKey]) -> None:
+        self.history: set[RowKey] = set(anchors)
+        self.prev_end: int | None = start_offset if anchors else None
+        self.overlap = 1
+        self.aligned_pages = 0
+        self._max_overlap = max(1, limit // 2)
+        self._quiet = 0
+
+    @property
+    def resume_offset(self) -> int:
+        return 0 if self.prev_end is None else max(0, self.prev_end - self.overlap + 1)
+
+    @property
+    def anchors(self) -> list[RowKey]:
+        return list(self.history)
+
+    def locate(self, page: Page, offset: int, stats: WalkStats) -> bool:
+        """Whether the page is aligned; a backward shift it absorbed widens the overlap."""
+        if not self.history or offset == 0:
+            return True
+        position = _anchor_position(page.parsed.keys, self.history)
+        if position is None:
+            return False
+        if self.prev_end is not None:
+            shift = position - (self.prev_end - offset)
+            if shift < 0:
+                stats.shifts_absorbed += 1
+                self.overlap = min(self._max_overlap, max(self.overlap, 1 - shift))
+                self._quiet = 0
+        return True
+
+    def widen(self) -> None:
+        self.overlap = min(self._max_overlap, self.overlap * 2)
+        self._quiet = 0
+
+    def accept(self, page: Page, offset: int) -> None:
+        """Remember an aligned page; a long quiet spell narrows the overlap again."""
+        self.aligned_pages += 1
+        self._quiet += 1
+        if self._quiet >= _QUIET_PAGES_BEFORE_NARROWING and self.overlap > 1:
+            self.overlap = max(1, self.overlap // 2)
+            self._quiet = 0
+        keys = {k for k in page.parsed.keys if k is not None}
+        if keys:
+            self.history = keys
+        self.prev_end = offset + page.size - 1
+
+
+class _Prefetcher:
+    """Keeps up to `window` fetches in flight at predicted offsets and hands them back in order.
+
+    With concurrency 1 there is no thread pool: each fetch runs when it is asked for.
+    """
+
+    def __init__(self, fetch: Callable[[int], Page], concurrency: int, stats: WalkStats) -> None:
+        self._fetch = fetch
+        self._stats = stats
+        self._pool = ThreadPoolExecutor(max_workers=concurrency) if concurrency > 1 else None
+        self._pending: deque[tuple[int, Future[Page]]] = deque()
+        self._next_offset = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending
+
+    def restart_at(self, offset: int) -> None:
+        self.discard()
+        self._next_offset = offset
+
+    def take(self, window: int, step: int) -> tuple[int, Page]:
+        while len(self._pending) < window:
+            self._pending.append((self._next_offset, self._submit(self._next_offset)))
+            self._next_offset += step
+        offset, future = self._pending.popleft()
+        return offset, future.result()
+
+    def _submit(self, offset: int) -> Future[Page]:
+        if self._pool is not None:
+            return self._pool.submit(self._fetch, offset)
+        future: Future[Page] = Future()
+        try:
+            future.set_result(self._fetch(offset))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def discard(self) -> None:
+        while self._pending:
+            _, future = self._pending.popleft()
+            if not future.cancel():
+                self._stats.discarded += 1
+
+    def close(self) -> None:
+        self.discard()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def walk_pages(
+    fetch: Callable[[int], Page],
+    *,
+    limit: int,
+    concurrency: int = 1,
+    start_offset: int = 0,
+    anchors: Sequence[RowKey] = (),
+    stats: WalkStats | None = None,
+) -> Iterator[PageStep]:
+    """Yield every page needed to read the whole (filtered) list once, in order.
+
+    `fetch(offset)` returns the page at that offset. Resuming takes the `next_offset` and
+    `anchors` of the last stored step. Raises PagingUnstable when the list moves faster than
+    the walk can realign.
+    """
+    stats = stats if stats is not None else WalkStats()
+    alignment = _Alignment(limit, start_offset, anchors)
+    prefetcher = _Prefetcher(fetch, concurrency, stats)
+    prefetcher.restart_at(start_offset)
+    window = 1
+    try:
+        while True:
+            offset, page = prefetcher.take(window, limit - alignment.overlap)
+            stats.requests += 1
+            if not alignment.locate(page, offset, stats):
+                stats.realignments += 1
+                if stats.realignments > _realignment_budget(alignment.aligned_pages):
+                    raise PagingUnstable(
+                        "Upstream rows moved between pages faster than paging could realign; "
+                        "run again when upstream is quieter (the cursor was not moved)."
+                    )
+                alignment.widen()
+                prefetcher.restart_at(max(0, offset - (limit - 1)))
+                window = 1
+                yield PageStep(page, False, alignment.resume_offset, alignment.anchors, False)
+                continue
+            alignment.accept(page, offset)
+            last = page.size < limit
+            if last:
+                prefetcher.discard()
+            else:
+                window = min(concurrency, window * 2)
+                if prefetcher.idle:
+                    prefetcher.restart_at(alignment.resume_offset)
+            stats.window, stats.overlap = window, alignment.overlap
+            yield PageStep(page, True, alignment.resume_offset, alignment.anchors, last)
+            if last:
+                return
+    finally:
+        prefetcher.close()

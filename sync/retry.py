@@ -1,0 +1,82 @@
+"""The retry policy for upstream requests, in one place.
+
+Which failures are retried is decided by type: every `TransientUpstreamError` (412, 429, 5xx,
+timeouts, resets, malformed bodies; see `UpstreamError.from_response`) is, nothing else is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from sync.errors import TransientUpstreamError, UpstreamUnavailable
+
+__all__ = ["RetryPolicy"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, bounded in attempts and in elapsed time.
+
+    A server's Retry-After wins over the computed backoff; when it would overrun the time
+    budget the policy gives up at once instead of sleeping past it.
+    """
+
+    max_attempts: int
+    max_elapsed_s: float
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 15.0
+    on_retry: Callable[[TransientUpstreamError, float], None] | None = None
+    sleep: Callable[[float], None] = time.sleep
+
+    def call(self, operation: Callable[[], T]) -> T:
+        """Run `operation`, retrying transient failures; when they run out, UpstreamUnavailable."""
+        backoff = wait_exponential_jitter(
+            multiplier=self.initial_backoff_s, max=self.max_backoff_s, jitter=self.initial_backoff_s
+        )
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            if isinstance(error, TransientUpstreamError) and error.retry_after is not None:
+                return error.retry_after
+            return float(backoff(state))
+
+        def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            if self.on_retry is not None and isinstance(error, TransientUpstreamError):
+                delay = state.next_action.sleep if state.next_action else 0.0
+                self.on_retry(error, delay)
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientUpstreamError),
+            stop=stop_after_attempt(self.max_attempts) | stop_before_delay(self.max_elapsed_s),
+            wait=wait,
+            before_sleep=before_sleep,
+            sleep=self.sleep,
+            reraise=True,
+        )
+        started = time.monotonic()
+        try:
+            return retrying(operation)
+        except TransientUpstreamError as exc:
+            attempts = retrying.statistics.get("attempt_number", 1)
+            elapsed = time.monotonic() - started
+            raise UpstreamUnavailable(
+                f"{exc.message.rstrip('.')} "
+                f"(gave up after {attempts} attempts in {elapsed:.1f} s).",
+                status=exc.status,
+                key=exc.key,
+            ) from exc

@@ -1,0 +1,171 @@
+"""Upstream contact objects -> validated, UTC-normalised rows, or rejections with a reason.
+
+Kept apart from the HTTP client so that the rules for a good row live in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = [
+    "CONTACT_FIELDS",
+    "TEXT_FIELDS",
+    "ContactRow",
+    "ParsedPage",
+    "RejectedRow",
+    "RowKey",
+    "parse_items",
+    "parse_timestamp",
+]
+
+TEXT_FIELDS = (
+    "email",
+    "name",
+    "surname",
+    "role",
+    "notes",
+    "linkedin",
+    "description",
+    "telephone",
+)
+CONTACT_FIELDS = ("id", "created_at", "updated_at", "client_id", *TEXT_FIELDS)
+_KNOWN = frozenset(CONTACT_FIELDS)
+
+RowKey = tuple[int, datetime]
+"""(id, updated_at): equal keys mean the same, unchanged row; paging aligns on them."""
+
+
+@dataclass(frozen=True, slots=True)
+class ContactRow:
+    id: int
+    updated_at: datetime
+    created_at: datetime | None
+    client_id: int | None
+    email: str | None
+    name: str | None
+    surname: str | None
+    role: str | None
+    notes: str | None
+    linkedin: str | None
+    description: str | None
+    telephone: str | None
+    extra: dict[str, Any] | None
+
+    @property
+    def key(self) -> RowKey:
+        return (self.id, self.updated_at)
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRow:
+    """An item that cannot be stored; it goes to quarantine with its reason."""
+
+    payload: Any
+    reason: str
+    contact_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedPage:
+    rows: list[ContactRow]
+    rejected: list[RejectedRow]
+    keys: list[RowKey | None]
+    """One entry per item served, in order; None where the item was rejected."""
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def parse_timestamp(value: object) -> datetime:
+    """An ISO-8601 timestamp with any offset (or none: taken as UTC) -> aware UTC datetime."""
+    if not isinstance(value, str):
+        raise _Invalid("is not a string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise _Invalid(f"is not an ISO-8601 timestamp: {value[:40]!r}") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise _Invalid(f"is out of range in UTC: {value[:40]!r}") from None
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid("is not an integer")
+    if value < 1:
+        raise _Invalid("is less than 1")
+    return value
+
+
+def _field(name: str, check: Any, value: object) -> Any:
+    try:
+        return check(value)
+    except _Invalid as exc:
+        raise _Invalid(f"{name} {exc}") from None
+
+
+def _text(name: str, value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise _Invalid(f"{name} is not a string")
+
+
+def _parse_item(item: object) -> ContactRow:
+    if not isinstance(item, dict):
+        raise _Invalid("item is not a JSON object")
+    if "id" not in item or item["id"] is None:
+        raise _Invalid("id is missing")
+    if "updated_at" not in item or item["updated_at"] is None:
+        raise _Invalid("updated_at is missing")
+    created = item.get("created_at")
+    client_id = item.get("client_id")
+    extra = {k: v for k, v in item.items() if k not in _KNOWN} or None
+    return ContactRow(
+        id=_field("id", _positive_int, item["id"]),
+        updated_at=_field("updated_at", parse_timestamp, item["updated_at"]),
+        created_at=None if created is None else _field("created_at", parse_timestamp, created),
+        client_id=None if client_id is None else _field("client_id", _positive_int, client_id),
+        email=_text("email", item.get("email")),
+        name=_text("name", item.get("name")),
+        surname=_text("surname", item.get("surname")),
+        role=_text("role", item.get("role")),
+        notes=_text("notes", item.get("notes")),
+        linkedin=_text("linkedin", item.get("linkedin")),
+        description=_text("description", item.get("description")),
+        telephone=_text("telephone", item.get("telephone")),
+        extra=extra,
+    )
+
+
+def _raw_id(item: object) -> int | None:
+    if isinstance(item, dict):
+        value = item.get("id")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def parse_items(items: Sequence[object]) -> ParsedPage:
+    """Validate a page's items; a duplicate id within the page keeps its newest version."""
+    newest: dict[int, ContactRow] = {}
+    rejected: list[RejectedRow] = []
+    keys: list[RowKey | None] = []
+    for item in items:
+        try:
+            row = _parse_item(item)
+        except _Invalid as exc:
+            rejected.append(RejectedRow(payload=item, reason=str(exc), contact_id=_raw_id(item)))
+            keys.append(None)
+            continue
+        keys.append(row.key)
+        seen = newest.get(row.id)
+        if seen is None or seen.updated_at <= row.updated_at:
+            newest[row.id] = row
+    return ParsedPage(rows=list(newest.values()), rejected=rejected, keys=keys)

@@ -1,0 +1,371 @@
+"""The mirror database: contacts upserts, cursor and checkpoint, per-company locks.
+
+Every write is one transaction, and the cursor moves only after the rows it covers are committed.
+What differs between SQLite and PostgreSQL lives behind `sync.backends.Backend`, so the engine
+talks to `MirrorStore` alone and never learns the dialect.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, case, delete, func, inspect, or_, select, update
+from sqlalchemy.sql.expression import ColumnElement, Executable
+
+from sync.backends import Backend, open_backend
+from sync.errors import DatabaseError
+from sync.models import (
+    VERSION_TABLE,
+    CheckpointRecord,
+    Contact,
+    QuarantineEntry,
+    SyncState,
+    table_of,
+)
+from sync.rows import ContactRow, RejectedRow, RowKey
+
+__all__ = ["Checkpoint", "CompanyState", "CompanyStatus", "MirrorStore"]
+
+_CONTACTS = table_of(Contact)
+_STATE = table_of(SyncState)
+_QUARANTINE = table_of(QuarantineEntry)
+_CHECKPOINTS = table_of(CheckpointRecord)
+
+_ID_BATCH = 500
+"""Ids per statement in mark_deleted/undelete: far below either database's parameter limit."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where an unfinished pass stands; saved with each page so a killed pass resumes."""
+
+    mode: str
+    filter_since: datetime | None
+    next_offset: int
+    anchors: list[RowKey]
+    high_water: datetime | None
+    started_at: datetime
+    pages: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class CompanyState:
+    company_id: str
+    cursor: datetime | None
+    last_success_at: datetime | None
+    last_error: str | None
+    last_error_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CompanyStatus:
+    company_id: str
+    cursor: datetime | None
+    last_success_at: datetime | None
+    last_error: str | None
+    last_error_at: datetime | None
+    contacts: int
+    deleted: int
+    quarantined: int
+
+
+class MirrorStore:
+    """The mirror database, as the engine uses it.
+
+    - `open(url)`: connect and bring the schema to head; `close()` when done.
+    - `company_lock(company)`: hold it for a whole pass; raises CompanyLocked if taken elsewhere.
+    - `read_state(company)`: the cursor to filter from; `load_checkpoint(company)` to resume.
+    - `write_page(company, rows, rejected, checkpoint, synced_at)`: one page, one transaction.
+    - `advance_cursor(...)` after a complete pass, `record_failure(...)` after a failed one.
+    - `live_ids`, `mark_deleted`, `undelete`: reconcile; `status`: the status command.
+
+    Every database problem surfaces as DatabaseError with a sentence saying what to do.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    @classmethod
+    def open(cls, url: str) -> MirrorStore:
+        """Connect, create or upgrade the schema through Alembic, and return a ready store."""
+        store = cls(open_backend(url))
+        try:
+            store._migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @property
+    def dialect(self) -> str:
+        """Which database this is: "sqlite" or "postgresql"."""
+        return self._backend.name
+
+    def write_page(
+        self,
+        company_id: str,
+        rows: Sequence[ContactRow],
+        rejected: Sequence[RejectedRow],
+        checkpoint: Checkpoint | None,
+        synced_at: datetime,
+    ) -> int:
+        """Upsert a page, quarantine its rejects and save the checkpoint, all or nothing.
+
+        Returns how many rows were inserted or changed; a row older than the stored one is skipped.
+        """
+        synced_at = _utc(synced_at)
+        with self._backend.write() as conn:
+            written = 0
+            if rows:
+                written = self._backend.upsert_contacts(conn, company_id, rows, synced_at)
+            if rejected:
+                conn.execute(
+                    _QUARANTINE.insert(),
+                    [
+                        {
+                            "company_id": company_id,
+                            "contact_id": item.contact_id,
+                            "reason": item.reason,
+                            "payload": json.dumps(item.payload, default=str),
+                            "seen_at": synced_at,
+                        }
+                        for item in rejected
+                    ],
+                )
+            if checkpoint is not None:
+                self._save_checkpoint(conn, company_id, checkpoint, synced_at)
+        return written
+
+    def read_state(self, company_id: str) -> CompanyState:
+        with self._backend.read() as conn:
+            row = conn.execute(select(_STATE).where(_STATE.c.company_id == company_id)).first()
+        if row is None:
+            return CompanyState(company_id, None, None, None, None)
+        return CompanyState(
+            company_id, row.cursor, row.last_success_at, row.last_error, row.last_error_at
+        )
+
+    def advance_cursor(
+        self,
+        company_id: str,
+        cursor: datetime,
+        at: datetime,
+        summary: dict[str, Any] | None = None,
+    ) -> datetime:
+        """Record a completed pass: the cursor never moves backwards, and the checkpoint goes.
+
+        Returns the cursor now stored, which is the later of the stored one and `cursor`.
+        """
+        insert = self._backend.insert(_STATE)
+        new = insert.excluded.cursor
+        statement = (
+            insert.values(
+                company_id=company_id,
+                cursor=_utc(cursor),
+                last_success_at=_utc(at),
+                last_pass=summary,
+            )
+            .on_conflict_do_update(
+                index_elements=["company_id"],
+                set_={
+                    "cursor": case(
+                        (or_(_STATE.c.cursor.is_(None), _STATE.c.cursor < new), new),
+                        else_=_STATE.c.cursor,
+                    ),
+                    "last_success_at": insert.excluded.last_success_at,
+                    "last_error": None,
+                    "last_error_at": None,
+                    "last_pass": insert.excluded.last_pass,
+                },
+            )
+            .returning(_STATE.c.cursor)
+        )
+        with self._backend.write() as conn:
+            self._backend.durable(conn)
+            stored: datetime = conn.execute(statement).scalar_one()
+            conn.execute(delete(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company_id))
+        return stored
+
+    def record_failure(self, company_id: str, message: str, at: datetime) -> None:
+        """Remember why the last pass failed; the cursor and any checkpoint stay as they were."""
+        insert = self._backend.insert(_STATE)
+        statement = insert.values(
+            company_id=company_id, last_error=message, last_error_at=_utc(at)
+        ).on_conflict_do_update(
+            index_elements=["company_id"],
+            set_={
+                "last_error": insert.excluded.last_error,
+                "last_error_at": insert.excluded.last_error_at,
+            },
+        )
+        with self._backend.write() as conn:
+            conn.execute(statement)
+
+    def load_checkpoint(self, company_id: str) -> Checkpoint | None:
+        with self._backend.read() as conn:
+            row = conn.execute(
+                select(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company_id)
+            ).first()
+        if row is None:
+            return None
+        return Checkpoint(
+            mode=row.mode,
+            filter_since=row.filter_since,
+            next_offset=row.next_offset,
+            anchors=[(int(i), datetime.fromisoformat(t).astimezone(UTC)) for i, t in row.anchors],
+            high_water=row.high_water,
+            started_at=row.started_at,
+            pages=row.pages,
+            rows=row.rows,
+        )
+
+    def clear_checkpoint(self, company_id: str) -> None:
+        with self._backend.write() as conn:
+            conn.execute(delete(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company_id))
+
+    def company_lock(self, company_id: str) -> AbstractContextManager[None]:
+        """Exclusive right to sync one company, across processes (and machines on PostgreSQL).
+
+        Raises CompanyLocked at once if another holder has it; it dies with its process.
+        """
+        return self._backend.lock(company_id)
+
+    def status(self, companies: Sequence[str]) -> list[CompanyStatus]:
+        """The configured companies first, even with no rows yet, then any others in the db."""
+        is_live = _CONTACTS.c.deleted_at.is_(None)
+        with self._backend.read() as conn:
+            counts = {
+                row.company_id: (row.live, row.deleted)
+                for row in conn.execute(
+                    select(
+                        _CONTACTS.c.company_id,
+                        func.count().filter(is_live).label("live"),
+                        func.count().filter(~is_live).label("deleted"),
+                    ).group_by(_CONTACTS.c.company_id)
+                )
+            }
+            quarantined: dict[str, int] = dict(
+                conn.execute(
+                    select(_QUARANTINE.c.company_id, func.count()).group_by(
+                        _QUARANTINE.c.company_id
+                    )
+                ).all()
+            )
+            states = {row.company_id: row for row in conn.execute(select(_STATE))}
+        others = sorted((counts.keys() | quarantined.keys() | states.keys()) - set(companies))
+        result = []
+        for company in [*companies, *others]:
+            state = states.get(company)
+            live, deleted = counts.get(company, (0, 0))
+            result.append(
+                CompanyStatus(
+                    company_id=company,
+                    cursor=state.cursor if state else None,
+                    last_success_at=state.last_success_at if state else None,
+                    last_error=state.last_error if state else None,
+                    last_error_at=state.last_error_at if state else None,
+                    contacts=live,
+                    deleted=deleted,
+                    quarantined=quarantined.get(company, 0),
+                )
+            )
+        return result
+
+    def live_ids(self, company_id: str) -> set[int]:
+        """Ids of the company's rows not marked deleted: what reconcile compares upstream with."""
+        with self._backend.read() as conn:
+            return set(
+                conn.execute(
+                    select(_CONTACTS.c.id).where(
+                        _CONTACTS.c.company_id == company_id, _CONTACTS.c.deleted_at.is_(None)
+                    )
+                ).scalars()
+            )
+
+    def mark_deleted(
+        self, company_id: str, ids: Collection[int], at: datetime, *, hard: bool
+    ) -> int:
+        """Soft: set deleted_at on live rows; hard: delete the rows. Returns rows affected."""
+        mine = _CONTACTS.c.company_id == company_id
+        if hard:
+            return self._by_ids(ids, lambda batch: delete(_CONTACTS).where(mine, batch))
+        statement = update(_CONTACTS).values(deleted_at=_utc(at))
+        return self._by_ids(
+            ids, lambda batch: statement.where(mine, batch, _CONTACTS.c.deleted_at.is_(None))
+        )
+
+    def undelete(self, company_id: str, ids: Collection[int]) -> int:
+        """Clear deleted_at on rows that turned out to exist upstream. Returns rows affected."""
+        statement = update(_CONTACTS).values(deleted_at=None)
+        return self._by_ids(
+            ids,
+            lambda batch: statement.where(
+                _CONTACTS.c.company_id == company_id, batch, _CONTACTS.c.deleted_at.is_not(None)
+            ),
+        )
+
+    def close(self) -> None:
+        self._backend.engine.dispose()
+
+    def _by_ids(
+        self, ids: Collection[int], statement_for: Callable[[ColumnElement[bool]], Executable]
+    ) -> int:
+        """Run a statement over `ids` in batches, all in one transaction."""
+        ordered = sorted(ids)
+        affected = 0
+        with self._backend.write() as conn:
+            for start in range(0, len(ordered), _ID_BATCH):
+                batch = _CONTACTS.c.id.in_(ordered[start : start + _ID_BATCH])
+                affected += conn.execute(statement_for(batch)).rowcount
+        return affected
+
+    def _save_checkpoint(
+        self, conn: Connection, company_id: str, checkpoint: Checkpoint, at: datetime
+    ) -> None:
+        values = {
+            "mode": checkpoint.mode,
+            "filter_since": checkpoint.filter_since,
+            "next_offset": checkpoint.next_offset,
+            "anchors": [[i, _utc(t).isoformat()] for i, t in checkpoint.anchors],
+            "high_water": checkpoint.high_water,
+            "started_at": checkpoint.started_at,
+            "pages": checkpoint.pages,
+            "rows": checkpoint.rows,
+            "updated_at": at,
+        }
+        insert = self._backend.insert(_CHECKPOINTS)
+        conn.execute(
+            insert.values(company_id=company_id, **values).on_conflict_do_update(
+                index_elements=["company_id"],
+                set_={name: insert.excluded[name] for name in values},
+            )
+        )
+
+    def _migrate(self) -> None:
+        """Bring the schema to head in one transaction, refusing a `contacts` table not ours."""
+        with self._backend.migration() as conn:
+            tables = set(inspect(conn).get_table_names())
+            if "contacts" in tables and VERSION_TABLE not in tables:
+                raise DatabaseError(
+                    f"The database at {self._backend.where} has a table named contacts that "
+                    "contacts-sync did not create; "
+                    "point database.url at another database or schema."
+                )
+            config = Config()
+            config.set_main_option("script_location", "sync:migrations")
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+
+
+def _utc(value: datetime) -> datetime:
+    if value.utcoffset() is None:
+        raise ValueError(f"naive datetime {value.isoformat()} given; pass an aware UTC one")
+    return value.astimezone(UTC)

@@ -1,0 +1,158 @@
+"""Shared fixtures: a fresh mirror database per test, on a real SQLite file or real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import structlog
+from sqlalchemy import create_engine, text
+
+from sync.config import Settings
+from sync.rows import CONTACT_FIELDS, parse_items
+from sync.sandbox import DEFAULT_TOKEN, SandboxServer
+from sync.sandbox_data import SandboxData
+
+PG_ADMIN_DSN = os.environ.get("CONTACTS_SYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _pg_available() -> str | None:
+    try:
+        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=3):
+            return None
+    except psycopg.Error as exc:
+        return str(exc).strip().splitlines()[0]
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> str:
+    problem = _pg_available()
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL must be up in CI: {problem}")
+        pytest.skip(f"PostgreSQL is not reachable: {problem}")
+    return PG_ADMIN_DSN
+
+
+def _sqlalchemy_url(dsn: str, database: str) -> str:
+    base = dsn.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    return f"{base}/{database}"
+
+
+@pytest.fixture
+def pg_url(pg_admin_dsn: str) -> Iterator[str]:
+    """A PostgreSQL database of its own for one test, dropped afterwards."""
+    name = f"contacts_sync_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _sqlalchemy_url(pg_admin_dsn, name)
+    finally:
+        with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mirror.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """The same test on a real SQLite file and on a real PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_url"))
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Each test starts from structlog's defaults, whatever the previous one configured."""
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxServer]:
+    """A sandbox API on a loopback port with 1,200 generated contacts for company 1."""
+    data = SandboxData.generate(("1",), 1200, seed=11)
+    with SandboxServer(data) as server:
+        yield server
+
+
+def make_settings(server: SandboxServer, db_url: str, **sections: dict[str, Any]) -> Settings:
+    """Settings pointing at `server` and `db_url`; `sections` override keys section by section."""
+    base: dict[str, dict[str, Any]] = {
+        "api": {
+            "base_url": server.base_url,
+            "token": DEFAULT_TOKEN,
+            "companies": ["1"],
+            "api_version": "2024-01",
+            "concurrency": 1,
+            "timeout_s": 5,
+        },
+        "database": {"url": db_url},
+        "retry": {"max_attempts": 5, "max_elapsed_s": 10},
+        "sync": {"lookback_s": 300},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return Settings(**base)
+
+
+def _normalise(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: value.astimezone(UTC).isoformat(timespec="milliseconds")
+        if isinstance(value, datetime)
+        else value
+        for name, value in row.items()
+    }
+
+
+def upstream_rows(server: SandboxServer, company: str = "1") -> dict[int, dict[str, Any]]:
+    """What upstream holds, parsed as the contract says the mirror must store it."""
+    parsed = parse_items(server.data.snapshot(company))
+    assert not parsed.rejected
+    return {
+        row.id: _normalise(
+            {name: getattr(row, name) for name in (*CONTACT_FIELDS, "extra")}
+        )
+        for row in parsed.rows
+    }
+
+
+def mirror_rows(
+    db_url: str, company: str = "1", *, live_only: bool = True
+) -> dict[int, dict[str, Any]]:
+    """What the mirror holds for `company`, read back with plain SQL."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            columns = ", ".join((*CONTACT_FIELDS, "extra", "deleted_at"))
+            result = conn.execute(
+                text(f"SELECT {columns} FROM contacts WHERE company_id = :c"),  # noqa: S608
+                {"c": company},
+            )
+            rows = [dict(r._mapping) for r in result]
+    finally:
+        engine.dispose()
+    out = {}
+    for row in rows:
+        deleted = row.pop("deleted_at")
+        if live_only and deleted is not None:
+            continue
+        for name in ("created_at", "updated_at"):
+            if isinstance(row[name], str):  # SQLite keeps UTC text
+                row[name] = datetime.fromisoformat(row[name]).replace(tzinfo=UTC)
+        if isinstance(row["extra"], str):
+            row["extra"] = json.loads(row["extra"])
+        out[row["id"]] = _normalise(row)
+    return out

@@ -1,0 +1,252 @@
+"""The sync engine end to end: real HTTP to the sandbox, a real SQLite file or PostgreSQL database."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import pytest
+from conftest import make_settings, mirror_rows, upstream_rows
+
+from sync.config import Settings
+from sync.engine import PassReport, SyncEngine
+from sync.errors import AuthError, RequestRejected, UpstreamUnavailable
+from sync.sandbox import SandboxConfig, SandboxServer
+from sync.sandbox_data import SandboxData
+from sync.store import MirrorStore
+
+CONCURRENCY = [1, 4]
+
+
+@contextmanager
+def engine_for(settings: Settings, observer: object = None) -> Iterator[SyncEngine]:
+    store = MirrorStore.open(settings.database.url)
+    engine = SyncEngine.from_settings(settings, store, observer=observer)  # type: ignore[arg-type]
+    try:
+        yield engine
+    finally:
+        engine.close()
+        store.close()
+
+
+def run_pass(settings: Settings, **kwargs: object) -> PassReport:
+    with engine_for(settings) as engine:
+        return engine.sync_company("1", **kwargs)  # type: ignore[arg-type]
+
+
+def cursor_of(settings: Settings) -> object:
+    store = MirrorStore.open(settings.database.url)
+    try:
+        return store.read_state("1").cursor
+    finally:
+        store.close()
+
+
+class TestFullLoad:
+    @pytest.mark.parametrize("concurrency", CONCURRENCY)
+    def test_mirror_equals_upstream_field_for_field(
+        self, sandbox: SandboxServer, db_url: str, concurrency: int
+    ) -> None:
+        """A first pass mirrors every row with exactly the upstream values, times in UTC."""
+        settings = make_settings(sandbox, db_url, api={"concurrency": concurrency})
+        report = run_pass(settings)
+        assert mirror_rows(db_url) == upstream_rows(sandbox)
+        assert report.rows_fetched >= 1200
+        assert report.cursor_after is not None
+
+    def test_cursor_is_newest_row_seen(self, sandbox: SandboxServer, db_url: str) -> None:
+        """After a complete pass the cursor is the newest updated_at the pass read."""
+        settings = make_settings(sandbox, db_url)
+        run_pass(settings)
+        newest = max(row["updated_at"] for row in upstream_rows(sandbox).values())
+        cursor = cursor_of(settings)
+        assert isinstance(cursor, type(report_time := cursor))
+        assert report_time.isoformat(timespec="milliseconds") == newest  # type: ignore[attr-defined]
+
+
+class TestIncremental:
+    @pytest.mark.parametrize("concurrency", CONCURRENCY)
+    def test_fetches_only_changed_rows(
+        self, sandbox: SandboxServer, db_url: str, concurrency: int
+    ) -> None:
+        """A pass after 150 upstream changes asks for those rows plus at most two pages more."""
+        settings = make_settings(sandbox, db_url, api={"concurrency": concurrency})
+        run_pass(settings)
+        sandbox.data.update("1", count=150)
+        sandbox.clear_requests()
+        report = run_pass(settings)
+        requests = sandbox.requests("1")
+        assert len(requests) <= math.ceil(150 / 100) + 2
+        assert sum(r.items for r in requests) <= 150 + 200
+        assert all(r.params["updated_at"].startswith("gt:") for r in requests)
+        assert report.rows_fetched >= 150
+        assert mirror_rows(db_url) == upstream_rows(sandbox)
+
+    def test_filter_is_cursor_minus_lookback_floored(
+        self, sandbox: SandboxServer, db_url: str
+    ) -> None:
+        """The next filter is gt: floor-to-second(cursor - lookback), in UTC with Z."""
+        settings = make_settings(sandbox, db_url, sync={"lookback_s": 90})
+        run_pass(settings)
+        cursor = cursor_of(settings)
+        sandbox.clear_requests()
+        run_pass(settings)
+        expected = (cursor - timedelta(seconds=90)).replace(microsecond=0)  # type: ignore[operator]
+        sent = sandbox.requests("1")[0].params["updated_at"]
+        assert sent == "gt:" + expected.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    @pytest.mark.parametrize("concurrency", CONCURRENCY)
+    def test_rows_tied_across_a_page_boundary_are_kept(
+        self, sandbox: SandboxServer, db_url: str, concurrency: int
+    ) -> None:
+        """150 rows sharing one updated_at, split over two pages, all reach the mirror."""
+        settings = make_settings(sandbox, db_url, api={"concurrency": concurrency})
+        run_pass(settings)
+        tied = sandbox.data.update("1", count=150, same_stamp=True)
+        run_pass(settings)
+        mirrored = mirror_rows(db_url)
+        upstream = upstream_rows(sandbox)
+        assert all(mirrored[i] == upstream[i] for i in tied)
+
+    def test_rows_committed_late_within_lookback_are_kept(
+        self, sandbox: SandboxServer, db_url: str
+    ) -> None:
+        """A row that appears upstream with an updated_at before the cursor is still read."""
+        settings = make_settings(sandbox, db_url, sync={"lookback_s": 120})
+        run_pass(settings)
+        cursor = cursor_of(settings)
+        (late,) = sandbox.data.insert("1", updated_at=cursor - timedelta(seconds=100))  # type: ignore[operator]
+        run_pass(settings)
+        assert mirror_rows(db_url)[late] == upstream_rows(sandbox)[late]
+
+
+class TestFailures:
+    def test_failed_pass_keeps_cursor_and_rerun_resumes_exact(
+        self, sandbox: SandboxServer, db_url: str
+    ) -> None:
+        """Upstream dying mid-pass leaves the cursor alone; the next pass resumes and ends exact."""
+        settings = make_settings(
+            sandbox, db_url, retry={"max_attempts": 2, "max_elapsed_s": 2}
+        )
+
+        class BreakAfterThreePages:
+            def pass_started(self, company_id: str, mode: str, resumed: bool) -> None:
+                pass
+
+            def page_stored(self, company_id: str, pages: int, rows: int) -> None:
+                if pages == 3:
+                    sandbox.faults.fail_company("1", status=503)
+
+            def pass_finished(self, report: PassReport) -> None:
+                pass
+
+        with engine_for(settings, BreakAfterThreePages()) as engine, pytest.raises(
+            UpstreamUnavailable
+        ):
+            engine.sync_company("1")
+        assert cursor_of(settings) is None
+        assert 0 < len(mirror_rows(db_url)) < 1200
+        sandbox.faults.restore_company("1")
+        sandbox.clear_requests()
+        report = run_pass(settings)
+        assert report.resumed
+        assert len(sandbox.requests("1")) < 12
+        assert mirror_rows(db_url) == upstream_rows(sandbox)
+
+    @pytest.mark.parametrize("concurrency", CONCURRENCY)
+    def test_bursts_of_transient_faults_are_survived(
+        self, sandbox: SandboxServer, db_url: str, concurrency: int
+    ) -> None:
+        """412, 429, 5xx, resets and malformed bodies, a burst per page, are retried to an exact end."""
+        bursts = [("412", 2), ("429", 2), ("500", 1), ("502", 1), ("503", 1), ("reset", 2)]
+        bursts += [("malformed", 1), ("truncated", 1), ("not_array", 1)]
+        sandbox.faults.add("412")
+
+        class BurstPerPage:
+            def pass_started(self, company_id: str, mode: str, resumed: bool) -> None:
+                pass
+
+            def page_stored(self, company_id: str, pages: int, rows: int) -> None:
+                if bursts:
+                    kind, times = bursts.pop(0)
+                    sandbox.faults.add(kind, times=times)  # type: ignore[arg-type]
+
+            def pass_finished(self, report: PassReport) -> None:
+                pass
+
+        settings = make_settings(sandbox, db_url, api={"concurrency": concurrency})
+        with engine_for(settings, BurstPerPage()) as engine:
+            report = engine.sync_company("1")
+        assert not bursts
+        assert mirror_rows(db_url) == upstream_rows(sandbox)
+        assert {"412", "429", "5xx", "network", "malformed"} <= set(report.retries)
+
+    def test_exhausted_retries_fail_with_cursor_unchanged(
+        self, sandbox: SandboxServer, db_url: str
+    ) -> None:
+        """When retries run out the pass fails as UpstreamUnavailable and the cursor stays put."""
+        settings = make_settings(sandbox, db_url, retry={"max_attempts": 3, "max_elapsed_s": 5})
+        run_pass(settings)
+        before = cursor_of(settings)
+        sandbox.data.update("1", count=10)
+        sandbox.faults.fail_company("1", status=503)
+        sandbox.clear_requests()
+        with pytest.raises(UpstreamUnavailable) as caught:
+            run_pass(settings)
+        assert caught.value.exit_code == 5
+        assert len(sandbox.requests("1")) == 3
+        assert cursor_of(settings) == before
+
+    @pytest.mark.parametrize(
+        ("config", "token", "error"),
+        [
+            (SandboxConfig(), "wrong-token", AuthError),
+            (SandboxConfig(tokens=("t",), tokens_without_view=("t",)), "t", AuthError),
+        ],
+        ids=["401", "403"],
+    )
+    def test_auth_failures_are_not_retried(
+        self, db_url: str, config: SandboxConfig, token: str, error: type[Exception]
+    ) -> None:
+        """401 and 403 end the pass on the first answer with exit code 3."""
+        with SandboxServer(SandboxData.generate(("1",), 50), config) as server:
+            settings = make_settings(server, db_url, api={"token": token})
+            with pytest.raises(error) as caught:
+                run_pass(settings)
+            assert len(server.requests()) == 1
+        assert caught.value.exit_code == 3  # type: ignore[attr-defined]
+
+    def test_bad_request_is_not_retried(self, sandbox: SandboxServer, db_url: str) -> None:
+        """A 400 ends the pass on the first answer with exit code 4."""
+        sandbox.faults.fail_company("1", status=400)
+        with pytest.raises(RequestRejected) as caught:
+            run_pass(make_settings(sandbox, db_url))
+        assert len(sandbox.requests("1")) == 1
+        assert caught.value.exit_code == 4
+
+
+class TestChangingUpstream:
+    @pytest.mark.parametrize("concurrency", CONCURRENCY)
+    @pytest.mark.parametrize("order", ["id", "updated_asc", "updated_desc"])
+    def test_untouched_rows_survive_a_mutating_pass(
+        self, db_url: str, order: str, concurrency: int
+    ) -> None:
+        """Rows changing while a pass pages never cost an untouched row; one more pass is exact."""
+        data = SandboxData.generate(("1",), 1500, seed=5)
+        with SandboxServer(data, SandboxConfig(order=order)) as server:  # type: ignore[arg-type]
+            settings = make_settings(server, db_url, api={"concurrency": concurrency})
+            mark = data.mark()
+            before = upstream_rows(server)
+            server.mutate_on_request("1", every=1, updates=1, inserts=1, deletes=1)
+            run_pass(settings)
+            server.stop_mutating()
+            touched = data.touched_since("1", mark)
+            mirrored = mirror_rows(db_url)
+            for contact_id in set(before) - touched:
+                assert mirrored.get(contact_id) == before[contact_id]
+            run_pass(settings)
+            upstream = upstream_rows(server)
+            mirrored = mirror_rows(db_url)
+            assert {i: mirrored.get(i) for i in upstream} == upstream
