@@ -17,11 +17,14 @@ from rich.console import Console
 from rich.table import Table
 
 from sync.config import Settings, load_settings
+from sync.demo import run_demo
 from sync.engine import CompanyOutcome, PassObserver, SyncEngine
 from sync.errors import ConfigError, SyncError, exit_code_for, severity_rank, worst_exit_code
 from sync.log import configure_logging, get_logger, redactor
 from sync.progress import progress_for
 from sync.rows import parse_timestamp
+from sync.sandbox import CONTACTS_PATH, DEFAULT_TOKEN, SandboxServer, serve_forever
+from sync.sandbox_data import ORDERS
 from sync.scheduler import Daemon
 from sync.store import CompanyStatus, MirrorStore
 
@@ -186,22 +189,67 @@ def _status_json(row: CompanyStatus) -> dict[str, Any]:
     }
 
 
+def _short(moment: datetime | None) -> str | None:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else None
+
+
 def _status_table(rows: Sequence[CompanyStatus]) -> Table:
-    table = Table(title="contacts-sync status")
+    table = Table(title="contacts-sync status (times in UTC)")
     for column in ("company", "cursor", "last success", "last error", "contacts", "deleted"):
         table.add_column(column)
     table.add_column("quarantined")
     for row in rows:
         table.add_row(
             row.company_id,
-            _iso(row.cursor) or "-",
-            _iso(row.last_success_at) or "never",
+            _short(row.cursor) or "-",
+            _short(row.last_success_at) or "never",
             redactor().scrub(row.last_error) or "-",
             f"{row.contacts:,}",
             f"{row.deleted:,}",
             f"{row.quarantined:,}",
         )
     return table
+
+
+@app.command()
+def sandbox(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.", min=0, max=65535)] = 8787,
+    contacts: Annotated[int, typer.Option(help="Generated contacts per company.", min=0)] = 1000,
+    company: Annotated[
+        list[str] | None, typer.Option(help="Company id to serve (repeatable; default 1).")
+    ] = None,
+    order: Annotated[
+        str, typer.Option(help="Server order: id, updated_asc or updated_desc.")
+    ] = "id",
+) -> int:
+    """Serve a local simulator of the upstream API until Ctrl-C."""
+    configure_logging("warning", "console")
+    if order not in ORDERS:
+        raise ConfigError(f"--order {order!r} is not one of {', '.join(ORDERS)}; pick one of them.")
+    companies = company or ["1"]
+
+    def announce(server: SandboxServer) -> None:
+        stdout.print(
+            f"Sandbox serving {contacts:,} contacts per company at {server.base_url}"
+            f"{CONTACTS_PATH} (token {DEFAULT_TOKEN}, companies {', '.join(companies)}, "
+            f"order {order}); Ctrl-C stops it."
+        )
+
+    serve_forever(port, contacts, companies, order, on_ready=announce)
+    return 0
+
+
+@app.command()
+def demo(
+    database: Annotated[Path, typer.Option(help="SQLite file to write (replaced).")] = Path(
+        "demo.db"
+    ),
+    contacts: Annotated[int, typer.Option(help="Contacts in the sandbox.", min=1)] = 20_000,
+) -> int:
+    """Start the sandbox, mirror it into a local SQLite file, change it, sync again, show status."""
+    configure_logging("warning", "console")
+    stdout.print(_status_table(run_demo(stdout, database, contacts)))
+    return 0
 
 
 def main() -> None:

@@ -62,12 +62,9 @@ def _as_utc(value: datetime) -> datetime:
 class UTCDateTime(TypeDecorator[datetime]):
     """timestamptz on PostgreSQL, naive UTC text on SQLite; aware UTC in and out."""
 
+    # On SQLite, DateTime is sortable text, so reporting SQL can compare it with a date string.
     impl = DateTime(timezone=True)
     cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        # SQLite's DateTime stores sortable text, so reporting SQL can compare it to a date string.
-        return dialect.type_descriptor(DateTime(timezone=dialect.name != "sqlite"))
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:

@@ -156,20 +156,21 @@ class MirrorStore:
     def advance_cursor(
         self,
         company_id: str,
-        cursor: datetime,
+        cursor: datetime | None,
         at: datetime,
         summary: dict[str, Any] | None = None,
-    ) -> datetime:
+    ) -> datetime | None:
         """Record a completed pass: the cursor never moves backwards, and the checkpoint goes.
 
-        Returns the cursor now stored, which is the later of the stored one and `cursor`.
+        Returns the cursor now stored, the later of the stored one and `cursor`; None for
+        `cursor` (a pass that saw no rows) records the success and keeps the stored cursor.
         """
         insert = self._backend.insert(_STATE)
         new = insert.excluded.cursor
         statement = (
             insert.values(
                 company_id=company_id,
-                cursor=_utc(cursor),
+                cursor=None if cursor is None else _utc(cursor),
                 last_success_at=_utc(at),
                 last_pass=summary,
             )
@@ -190,7 +191,7 @@ class MirrorStore:
         )
         with self._backend.write() as conn:
             self._backend.durable(conn)
-            stored: datetime = conn.execute(statement).scalar_one()
+            stored: datetime | None = conn.execute(statement).scalar_one()
             conn.execute(delete(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company_id))
         return stored
 

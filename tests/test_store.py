@@ -92,9 +92,9 @@ def _contacts(raw: Engine, company_id: str = "42") -> dict[int, Any]:
     return {row.id: row for row in rows}
 
 
-def _scalar(raw: Engine, sql: str, **params: Any) -> Any:
+def _scalar(raw: Engine, sql: str) -> Any:
     with raw.connect() as conn:
-        return conn.execute(text(sql), params).scalar()
+        return conn.execute(text(sql)).scalar()
 
 
 class TestSchema:
@@ -109,6 +109,8 @@ class TestSchema:
         ]
         not_null = {c["name"] for c in columns if not c["nullable"]}
         assert not_null == {"company_id", "id", "updated_at", "synced_at"}
+        indexed = [i["column_names"] for i in inspector.get_indexes("contacts")]
+        assert ["company_id", "updated_at"] in indexed
 
     def test_column_types_suit_reporting(self, store: MirrorStore, raw: Engine) -> None:
         """Timestamps are timestamptz on PostgreSQL, text is unlimited, and extra is JSON(B)."""
@@ -367,9 +369,18 @@ class TestCursor:
         assert store.advance_cursor("42", T0, later) == later
         state = store.read_state("42")
         assert (state.cursor, state.last_success_at) == (later, later)
-        assert store.advance_cursor("42", later + timedelta(seconds=1), later) == later + timedelta(
-            seconds=1
-        )
+        latest = later + timedelta(seconds=1)
+        assert store.advance_cursor("42", latest, later) == latest
+
+    def test_a_pass_without_rows_keeps_the_cursor(self, store: MirrorStore) -> None:
+        """No cursor (nothing seen) records the success and keeps the stored cursor, if any."""
+        assert store.advance_cursor("new", None, T0) is None
+        assert store.read_state("new").last_success_at == T0
+        store.advance_cursor("42", T0, T0)
+        later = T0 + timedelta(hours=1)
+        assert store.advance_cursor("42", None, later) == T0
+        state = store.read_state("42")
+        assert (state.cursor, state.last_success_at) == (T0, later)
 
     def test_advancing_clears_the_checkpoint_and_the_last_error(
         self, store: MirrorStore, raw: Engine
@@ -430,7 +441,8 @@ class TestCheckpoint:
         store.write_page("42", [], [], _checkpoint(next_offset=100), T0)
         store.write_page("7", [], [], _checkpoint(next_offset=900, high_water=None), T0)
         store.write_page("42", [], [], _checkpoint(next_offset=200), T0)
-        assert [store.load_checkpoint(c).next_offset for c in ("42", "7")] == [200, 900]  # type: ignore[union-attr]
+        offsets = {c: saved.next_offset for c in ("42", "7") if (saved := store.load_checkpoint(c))}
+        assert offsets == {"42": 200, "7": 900}
         store.clear_checkpoint("42")
         assert store.load_checkpoint("42") is None
         assert store.load_checkpoint("7") is not None
@@ -458,6 +470,18 @@ def _read_line(child: subprocess.Popen[str], timeout: float = 30) -> str:
     ready, _, _ = io_select.select([child.stdout], [], [], timeout)
     assert ready, "the child process did not answer in time"
     return child.stdout.readline().strip()
+
+
+def _acquire_within(store: MirrorStore, company_id: str, seconds: float) -> None:
+    """PostgreSQL ends a dead client's session, and its locks, a moment after the socket closes."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with store.company_lock(company_id):
+                return
+        except CompanyLocked:
+            assert time.monotonic() < deadline, "the dead holder's lock was never freed"
+            time.sleep(0.1)
 
 
 class TestCompanyLock:
@@ -490,36 +514,26 @@ class TestCompanyLock:
         self, db_url: str, store: MirrorStore
     ) -> None:
         """Processes exclude each other both ways, and kill -9 of the holder frees the lock."""
-        child = subprocess.Popen(
+        with subprocess.Popen(
             [sys.executable, "-c", _HOLDER, db_url],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-        )
-        try:
-            with store.company_lock("42"):
-                assert _read_line(child) == "refused"
-            assert child.stdin is not None
-            child.stdin.write("go\n")
-            child.stdin.flush()
-            assert _read_line(child) == "held"
-            with pytest.raises(CompanyLocked), store.company_lock("42"):
-                pass
-            child.kill()
-            child.wait()
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    with store.company_lock("42"):
-                        break
-                except CompanyLocked:
-                    # PostgreSQL ends the dead client's session a moment after its socket closes.
-                    assert time.monotonic() < deadline, "the dead holder's lock was never freed"
-                    time.sleep(0.1)
-        finally:
-            if child.poll() is None:
+        ) as child:
+            try:
+                with store.company_lock("42"):
+                    assert _read_line(child) == "refused"
+                assert child.stdin is not None
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                assert _read_line(child) == "held"
+                with pytest.raises(CompanyLocked), store.company_lock("42"):
+                    pass
                 child.kill()
                 child.wait()
+                _acquire_within(store, "42", seconds=10)
+            finally:
+                child.kill()
 
     def test_in_memory_sqlite_locks_within_the_process(self) -> None:
         """An in-memory mirror still excludes a second holder of the same company."""
