@@ -122,9 +122,7 @@ def upstream_rows(server: SandboxServer, company: str = "1") -> dict[int, dict[s
     parsed = parse_items(server.data.snapshot(company))
     assert not parsed.rejected
     return {
-        row.id: _normalise(
-            {name: getattr(row, name) for name in (*CONTACT_FIELDS, "extra")}
-        )
+        row.id: _normalise({name: getattr(row, name) for name in (*CONTACT_FIELDS, "extra")})
         for row in parsed.rows
     }
 

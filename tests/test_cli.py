@@ -24,7 +24,9 @@ SECRET = "s3cr3t-T0KEN-4c7e1d"
 Runner = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def write_config(path: Path, server: SandboxServer, db_url: str, **sections: dict[str, Any]) -> Path:
+def write_config(
+    path: Path, server: SandboxServer, db_url: str, **sections: dict[str, Any]
+) -> Path:
     values: dict[str, dict[str, Any]] = {
         "api": {
             "base_url": server.base_url,
@@ -205,7 +207,7 @@ class TestBackfillResume:
         data = SandboxData.generate(("1",), 6000, seed=9)
         with SandboxServer(data, SandboxConfig(tokens=(SECRET,), latency_ms=15)) as srv:
             config = write_config(tmp_path / "sync.toml", srv, db_url, api={"concurrency": 1})
-            process = subprocess.Popen(  # noqa: S603
+            process = subprocess.Popen(
                 [sys.executable, "-m", "sync", "--config", str(config), "backfill"],
                 env=_env(),
                 stdout=subprocess.DEVNULL,
@@ -246,7 +248,7 @@ def _wait_for_pages(db_url: str, pages: int, timeout: float) -> None:
             try:
                 with engine.connect() as conn:
                     stored = conn.execute(text("SELECT pages FROM checkpoints")).scalar()
-            except Exception:  # noqa: BLE001 - the schema may not exist yet
+            except Exception:
                 stored = None
             if stored is not None and stored >= pages:
                 return
@@ -286,7 +288,7 @@ class TestDaemon:
     ) -> None:
         """`run` makes a pass at start-up and exits 0 soon after SIGTERM."""
         config = write_config(tmp_path / "sync.toml", server, sqlite_url, sync={"interval": "1h"})
-        process = subprocess.Popen(  # noqa: S603
+        process = subprocess.Popen(
             [sys.executable, "-m", "sync", "--config", str(config), "run"],
             env=_env(),
             stdout=subprocess.PIPE,
@@ -311,5 +313,5 @@ class TestDaemon:
 def mirror_rows_safe(db_url: str) -> dict[int, Any]:
     try:
         return mirror_rows(db_url)
-    except Exception:  # noqa: BLE001 - the database may not exist yet
+    except Exception:
         return {}

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from pydantic_settings import SettingsError
 
 from sync.config import ApiSettings, Settings, load_settings, parse_duration
 from sync.errors import ConfigError, exit_code_for

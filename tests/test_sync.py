@@ -1,4 +1,4 @@
-"""The sync engine end to end: real HTTP to the sandbox, a real SQLite file or PostgreSQL database."""
+"""The sync engine end to end: real HTTP to the sandbox, real SQLite and PostgreSQL mirrors."""
 
 from __future__ import annotations
 
@@ -127,9 +127,7 @@ class TestFailures:
         self, sandbox: SandboxServer, db_url: str
     ) -> None:
         """Upstream dying mid-pass leaves the cursor alone; the next pass resumes and ends exact."""
-        settings = make_settings(
-            sandbox, db_url, retry={"max_attempts": 2, "max_elapsed_s": 2}
-        )
+        settings = make_settings(sandbox, db_url, retry={"max_attempts": 2, "max_elapsed_s": 2})
 
         class BreakAfterThreePages:
             def pass_started(self, company_id: str, mode: str, resumed: bool) -> None:
@@ -142,8 +140,9 @@ class TestFailures:
             def pass_finished(self, report: PassReport) -> None:
                 pass
 
-        with engine_for(settings, BreakAfterThreePages()) as engine, pytest.raises(
-            UpstreamUnavailable
+        with (
+            engine_for(settings, BreakAfterThreePages()) as engine,
+            pytest.raises(UpstreamUnavailable),
         ):
             engine.sync_company("1")
         assert cursor_of(settings) is None
@@ -159,7 +158,7 @@ class TestFailures:
     def test_bursts_of_transient_faults_are_survived(
         self, sandbox: SandboxServer, db_url: str, concurrency: int
     ) -> None:
-        """412, 429, 5xx, resets and malformed bodies, a burst per page, are retried to an exact end."""
+        """412, 429, 5xx, resets and malformed bodies, a burst per page, are all retried."""
         bursts = [("412", 2), ("429", 2), ("500", 1), ("502", 1), ("503", 1), ("reset", 2)]
         bursts += [("malformed", 1), ("truncated", 1), ("not_array", 1)]
         sandbox.faults.add("412")
