@@ -18,7 +18,7 @@ from rich.table import Table
 
 from sync.config import Settings, load_settings
 from sync.demo import run_demo
-from sync.engine import CompanyOutcome, PassObserver, SyncEngine
+from sync.engine import CompanyOutcome, PassObserver, ReconcileReport, SyncEngine
 from sync.errors import ConfigError, SyncError, exit_code_for, severity_rank, worst_exit_code
 from sync.log import configure_logging, get_logger, redactor
 from sync.progress import progress_for
@@ -140,6 +140,38 @@ def backfill(
     with progress_for(stderr) as progress, _engine(settings, progress) as engine:
         outcomes = engine.sync_all(companies, backfill=True, since=since_at, restart=restart)
     return _finish(outcomes)
+
+
+@app.command()
+def reconcile(
+    ctx: typer.Context,
+    company: Annotated[str | None, typer.Option(help="Only this company id.")] = None,
+) -> int:
+    """Scan every id upstream and mark the rows that vanished there (sync.deletes)."""
+    settings = _settings(ctx)
+    outcomes = []
+    with _engine(settings) as engine:
+        for company_id in _companies(settings, company):
+            try:
+                found = engine.reconcile_company(company_id)
+            except SyncError as exc:
+                outcomes.append(CompanyOutcome(company_id, None, exc))
+                continue
+            outcomes.append(CompanyOutcome(company_id, None, None))
+            stdout.print(_reconciled(found, settings.sync.deletes))
+    return _finish(outcomes)
+
+
+def _reconciled(found: ReconcileReport, deletes: str) -> str:
+    said = (
+        f"Company {found.company_id}: {found.scanned:,} rows upstream, "
+        f"{found.missing:,} missing from it"
+    )
+    if not found.certain:
+        return f"{said}; marked nothing because {found.reason}, so run reconcile again later."
+    verb = "deleted" if deletes == "hard" else "marked deleted"
+    restored = f", {found.restored:,} back again" if found.restored else ""
+    return f"{said}, {found.marked:,} {verb}{restored}."
 
 
 def _parse_since(since: str | None) -> datetime | None:

@@ -28,12 +28,14 @@ from sync.errors import (
 from sync.log import get_logger, redactor
 from sync.paging import WalkStats, walk_pages
 from sync.retry import RetryPolicy
+from sync.rows import RowKey
 from sync.store import Checkpoint, MirrorStore
 
 __all__ = [
     "CompanyOutcome",
     "PassObserver",
     "PassReport",
+    "ReconcileReport",
     "SyncEngine",
     "floor_to_second",
 ]
@@ -41,6 +43,8 @@ __all__ = [
 log = get_logger("sync.engine")
 
 INCREMENTAL = "incremental"
+_RECONCILE_WALKS = 4
+"""Incremental re-reads after a deletion scan before it gives up on being sure."""
 BACKFILL = "backfill"
 
 
@@ -77,6 +81,21 @@ class PassReport:
             moment = fields[name]
             fields[name] = moment.isoformat() if moment is not None else None
         return fields
+
+
+@dataclass
+class ReconcileReport:
+    """What a deletion scan found; `certain` is False when it marked nothing to stay safe."""
+
+    company_id: str
+    scanned: int = 0
+    requests: int = 0
+    missing: int = 0
+    marked: int = 0
+    restored: int = 0
+    certain: bool = True
+    reason: str | None = None
+    duration_s: float = 0.0
 
 
 class PassObserver(Protocol):
@@ -189,6 +208,90 @@ class SyncEngine:
             except SyncError as exc:
                 self._record_failure(company_id, exc)
                 raise
+
+    def reconcile_company(self, company_id: str) -> ReconcileReport:
+        """Find rows that vanished upstream and mark them (or delete them, `sync.deletes`).
+
+        A full scan is trusted for rows that did not change while it ran; rows changed since
+        it began are then read again by incremental walks until two in a row agree. A scan
+        that cannot be sure marks nothing and says why.
+        """
+        with self._store.company_lock(company_id):
+            try:
+                return self._reconcile(company_id)
+            except PassInterrupted:
+                raise
+            except SyncError as exc:
+                self._record_failure(company_id, exc)
+                raise
+
+    def _reconcile(self, company_id: str) -> ReconcileReport:
+        started = time.monotonic()
+        report = ReconcileReport(company_id)
+        scan_began = self._clock()
+        deleted_before = self._store.deleted_ids(company_id)
+        seen, scan_began = self._scan_ids(company_id, None, scan_began, report)
+        since = floor_to_second(scan_began - timedelta(seconds=self._settings.sync.lookback_s))
+        live = self._store.live_ids(company_id)
+        back_again = deleted_before & seen
+        self._store.undelete(company_id, back_again)
+        report.restored = len(back_again)
+        missing = live - seen
+        if not seen and live:
+            report.certain, report.reason = False, "upstream listed no rows at all"
+        elif missing:
+            previous: set[RowKey] | None = None
+            for _ in range(_RECONCILE_WALKS):
+                keys, _ = self._scan_keys(company_id, since, report)
+                missing -= {contact_id for contact_id, _ in keys}
+                if keys == previous:
+                    break
+                previous = keys
+            else:
+                report.certain, report.reason = False, "upstream kept changing during the scan"
+        report.missing = len(missing)
+        if report.certain and missing:
+            hard = self._settings.sync.deletes == "hard"
+            report.marked = self._store.mark_deleted(company_id, missing, self._clock(), hard=hard)
+        report.duration_s = round(time.monotonic() - started, 3)
+        log.info("reconcile.finished", **asdict(report))
+        return report
+
+    def _scan_ids(
+        self, company_id: str, since: datetime | None, began: datetime, report: ReconcileReport
+    ) -> tuple[set[int], datetime]:
+        keys, server_began = self._scan_keys(company_id, since, report)
+        if server_began is not None:
+            began = min(began, server_began)
+        return {contact_id for contact_id, _ in keys}, began
+
+    def _scan_keys(
+        self, company_id: str, since: datetime | None, report: ReconcileReport
+    ) -> tuple[set[RowKey], datetime | None]:
+        """Walk the (filtered) list, storing what it reads; the keys seen and the server's time."""
+        api = self._settings.api
+        stats = WalkStats()
+        keys: set[RowKey] = set()
+        server_began = None
+
+        def fetch(offset: int) -> Page:
+            return self._client.fetch_page(
+                company_id, offset=offset, limit=api.page_size, updated_after=since
+            )
+
+        for step in walk_pages(
+            fetch, limit=api.page_size, concurrency=api.concurrency, stats=stats
+        ):
+            parsed = step.page.parsed
+            if server_began is None:
+                server_began = step.page.server_time
+            keys.update(key for key in parsed.keys if key is not None)
+            self._store.write_page(company_id, parsed.rows, parsed.rejected, None, self._clock())
+            if self._stop is not None and self._stop.is_set() and not step.last:
+                raise PassInterrupted(company_id)
+        report.scanned += len(keys)
+        report.requests += stats.requests
+        return keys, server_began
 
     def _record_failure(self, company_id: str, exc: SyncError) -> None:
         log.error("pass.failed", company_id=company_id, error=exc.message, exit_code=exc.exit_code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
 
@@ -58,6 +59,17 @@ class Daemon:
                 next_run_time=datetime.now(UTC),
                 id=f"sync:{company_id}",
             )
+        reconcile_every = self._settings.sync.reconcile_interval
+        if reconcile_every is not None:
+            for company_id in self._settings.api.companies:
+                self._scheduler.add_job(
+                    self._reconcile_company,
+                    "interval",
+                    args=[company_id],
+                    seconds=reconcile_every,
+                    jitter=max(1, int(reconcile_every * _JITTER_FRACTION)),
+                    id=f"reconcile:{company_id}",
+                )
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self._scheduler.start()
@@ -69,10 +81,17 @@ class Daemon:
         log.info("daemon.stopped")
 
     def _sync_company(self, company_id: str) -> None:
+        self._guarded(company_id, self._engine.sync_company)
+
+    def _reconcile_company(self, company_id: str) -> None:
+        self._guarded(company_id, self._engine.reconcile_company)
+
+    def _guarded(self, company_id: str, job: Callable[[str], object]) -> None:
+        """Run a job; whatever it raises is logged and the next tick tries again."""
         if self._stop.is_set():
             return
         try:
-            self._engine.sync_company(company_id)
+            job(company_id)
         except CompanyLocked:
             log.info("pass.skipped", company_id=company_id, reason="locked by another process")
         except PassInterrupted:

@@ -291,6 +291,17 @@ class MirrorStore:
                 ).scalars()
             )
 
+    def deleted_ids(self, company_id: str) -> set[int]:
+        """Ids of the company's rows marked deleted: those a scan may find alive again."""
+        with self._backend.read() as conn:
+            return set(
+                conn.execute(
+                    select(_CONTACTS.c.id).where(
+                        _CONTACTS.c.company_id == company_id, _CONTACTS.c.deleted_at.is_not(None)
+                    )
+                ).scalars()
+            )
+
     def mark_deleted(
         self, company_id: str, ids: Collection[int], at: datetime, *, hard: bool
     ) -> int:
