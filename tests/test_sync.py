@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
+import httpx
 import pytest
 from conftest import make_settings, mirror_rows, upstream_rows
 
@@ -249,3 +250,24 @@ class TestChangingUpstream:
             upstream = upstream_rows(server)
             mirrored = mirror_rows(db_url)
             assert {i: mirrored.get(i) for i in upstream} == upstream
+
+    @pytest.mark.parametrize("order", ["id", "updated_asc"])
+    def test_plain_offset_loop_loses_rows_in_the_same_scenario(self, order: str) -> None:
+        """`offset += limit` over the same mutating sandbox misses untouched rows."""
+        data = SandboxData.generate(("1",), 1500, seed=5)
+        with SandboxServer(data, SandboxConfig(order=order)) as server:  # type: ignore[arg-type]
+            before = upstream_rows(server)
+            mark = data.mark()
+            server.mutate_on_request("1", every=1, updates=1, inserts=1, deletes=1)
+            seen: set[int] = set()
+            with httpx.Client(base_url=server.base_url, headers=server.headers()) as http:
+                offset = 0
+                while True:
+                    page = http.get("/api/contacts", params={"limit": 100, "offset": offset})
+                    items = page.json()
+                    seen |= {item["id"] for item in items}
+                    if len(items) < 100:
+                        break
+                    offset += 100
+            untouched = set(before) - data.touched_since("1", mark)
+            assert untouched - seen
