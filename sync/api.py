@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -22,6 +23,8 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 """A 100-row page is a few hundred KiB at most; anything far larger is refused, not buffered."""
 
 CONTACTS_PATH = "/api/contacts"
+_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+"""JSON escapes for NUL or a surrogate: only then are a page's strings checked one by one."""
 
 
 def format_filter_time(moment: datetime) -> str:
@@ -115,7 +118,9 @@ class ContactsClient:
                 f"The connection to the API failed ({type(exc).__name__}); "
                 "check api.base_url and the network."
             ) from None
-        return Page(offset=offset, limit=limit, parsed=parse_items(items), server_time=server_time)
+        careful = _UNSTORABLE_ESCAPE.search(body) is not None
+        parsed = parse_items(items, careful=careful)
+        return Page(offset=offset, limit=limit, parsed=parsed, server_time=server_time)
 
 
 def _non_200_error(response: httpx.Response) -> UpstreamError:

@@ -90,7 +90,7 @@ def _is_loopback_host(host: str) -> bool:
 class ApiSettings(_Section):
     # Declared first so that the base_url check below can see it.
     allow_insecure_http: bool = False
-    base_url: str = "http://127.0.0.1:8080"
+    base_url: str = "http://127.0.0.1:8787"
     token: SecretStr | None = None
     token_file: Path | None = None
     companies: list[str] = Field(default_factory=list)

@@ -33,6 +33,8 @@ TEXT_FIELDS = (
 )
 CONTACT_FIELDS = ("id", "created_at", "updated_at", "client_id", *TEXT_FIELDS)
 _KNOWN = frozenset(CONTACT_FIELDS)
+_MAX_BIGINT = 2**63 - 1
+"""Ids are bigint in the mirror; a larger one could never be stored."""
 
 RowKey = tuple[int, datetime]
 """(id, updated_at): equal keys mean the same, unchanged row; paging aligns on them."""
@@ -101,6 +103,8 @@ def _positive_int(value: object) -> int:
         raise _Invalid("is not an integer")
     if value < 1:
         raise _Invalid("is less than 1")
+    if value > _MAX_BIGINT:
+        raise _Invalid("is larger than a 64-bit integer")
     return value
 
 
@@ -112,9 +116,17 @@ def _field(name: str, check: Any, value: object) -> Any:
 
 
 def _text(name: str, value: object) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise _Invalid(f"{name} is not a string")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(f"{name} is not a string")
+    if "\x00" in value:
+        raise _Invalid(f"{name} contains a NUL character, which SQL text cannot hold")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Invalid(f"{name} contains an unpaired UTF-16 surrogate") from None
+    return value
 
 
 def _parse_item(item: object) -> ContactRow:
@@ -164,10 +176,10 @@ def _parse_well_formed(item: object) -> ContactRow | None:
         return None
     contact_id = item.get("id")
     stamp = item.get("updated_at")
-    if type(contact_id) is not int or contact_id < 1 or type(stamp) is not str:
+    if type(contact_id) is not int or not 0 < contact_id <= _MAX_BIGINT or type(stamp) is not str:
         return None
     client_id = item.get("client_id")
-    if client_id is not None and (type(client_id) is not int or client_id < 1):
+    if client_id is not None and (type(client_id) is not int or not 0 < client_id <= _MAX_BIGINT):
         return None
     texts = [item.get(name) for name in TEXT_FIELDS]
     if any(t is not None and type(t) is not str for t in texts):
@@ -208,14 +220,19 @@ def _raw_id(item: object) -> int | None:
     return None
 
 
-def parse_items(items: Sequence[object]) -> ParsedPage:
-    """Validate a page's items; a duplicate id within the page keeps its newest version."""
+def parse_items(items: Sequence[object], *, careful: bool = False) -> ParsedPage:
+    """Validate a page's items; a duplicate id within the page keeps its newest version.
+
+    `careful` also checks every string for what SQL text cannot hold (NUL, lone surrogates);
+    the client asks for it when the raw body contains such escapes.
+    """
+    fast = _parse_item if careful else _parse_well_formed
     newest: dict[int, ContactRow] = {}
     rejected: list[RejectedRow] = []
     keys: list[RowKey | None] = []
     for item in items:
         try:
-            row = _parse_well_formed(item) or _parse_item(item)
+            row = fast(item) or _parse_item(item)
         except _Invalid as exc:
             rejected.append(RejectedRow(payload=item, reason=str(exc), contact_id=_raw_id(item)))
             keys.append(None)

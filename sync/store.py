@@ -127,6 +127,15 @@ class MirrorStore:
             if rows:
                 written = self._backend.upsert_contacts(conn, company_id, rows, synced_at)
             if rejected:
+                # A bad row read again (lookback, rerun) replaces its entry instead of adding one.
+                again = {item.contact_id for item in rejected if item.contact_id is not None}
+                if again:
+                    conn.execute(
+                        delete(_QUARANTINE).where(
+                            _QUARANTINE.c.company_id == company_id,
+                            _QUARANTINE.c.contact_id.in_(sorted(again)),
+                        )
+                    )
                 conn.execute(
                     _QUARANTINE.insert(),
                     [

@@ -280,6 +280,27 @@ class TestParseItems:
         for field, value in texts.items():
             assert getattr(row, field) == value
 
+    @pytest.mark.parametrize(
+        ("item", "words"),
+        [
+            (_item(id=2**63), "64-bit"),
+            (_item(client_id=2**64), "64-bit"),
+            (_item(notes="a\x00b"), "NUL"),
+            (_item(name="\ud800"), "surrogate"),
+        ],
+        ids=["huge-id", "huge-client", "nul", "lone-surrogate"],
+    )
+    def test_rejects_what_sql_cannot_store(self, item: dict[str, Any], words: str) -> None:
+        """Values no SQL column can hold are quarantined instead of failing the page."""
+        parsed = parse_items([item, _item(id=3)], careful=True)
+        assert [r.id for r in parsed.rows] == [3]
+        assert words in parsed.rejected[0].reason
+
+    def test_careful_mode_keeps_valid_surrogate_pairs(self) -> None:
+        """An emoji written as a JSON surrogate pair is a normal character and is kept."""
+        parsed = parse_items([_item(name="smile \U0001f600")], careful=True)
+        assert parsed.rows[0].name == "smile \U0001f600"
+
     def test_empty_page(self) -> None:
         """An empty page gives no rows, no rejections and no keys."""
         page = parse_items([])

@@ -307,6 +307,13 @@ class TestWritePage:
         ]
         assert store.status(["42"])[0].quarantined == 2
 
+    def test_a_bad_row_read_again_replaces_its_entry(self, store: MirrorStore) -> None:
+        """Re-reading the same bad row (lookback, a rerun) does not count it twice."""
+        bad = RejectedRow(payload={"id": 9}, reason="updated_at is missing", contact_id=9)
+        store.write_page("42", [], [bad], None, T0)
+        store.write_page("42", [], [bad], None, T0)
+        assert store.status(["42"])[0].quarantined == 1
+
     def test_naive_timestamps_are_refused(self, store: MirrorStore) -> None:
         """A timestamp without an offset is ambiguous, so it is a programming error."""
         with pytest.raises(ValueError, match="naive"):
