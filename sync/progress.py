@@ -91,7 +91,8 @@ class LoggedProgress:
 
     def pass_started(self, company_id: str, mode: str, resumed: bool) -> None:
         now = time.monotonic()
-        self._began[company_id] = self._last[company_id] = now
+        self._began[company_id] = now
+        self._last[company_id] = now - self._every_s  # the first page is reported at once
 
     def page_stored(self, company_id: str, pages: int, rows: int) -> None:
         now = time.monotonic()

@@ -283,22 +283,26 @@ class TestSecrets:
 
 
 class TestDaemon:
-    def test_run_stops_cleanly_on_sigterm(
+    def test_run_syncs_reconciles_and_stops_cleanly_on_sigterm(
         self, server: SandboxServer, sqlite_url: str, tmp_path: Path
     ) -> None:
-        """`run` makes a pass at start-up and exits 0 soon after SIGTERM."""
-        config = write_config(tmp_path / "sync.toml", server, sqlite_url, sync={"interval": "1h"})
+        """`run` passes at start-up, reconciles on schedule, and exits 0 soon after SIGTERM."""
+        config = write_config(
+            tmp_path / "sync.toml",
+            server,
+            sqlite_url,
+            sync={"interval": "1h", "reconcile_interval": "1s"},
+        )
         process = subprocess.Popen(
             [sys.executable, "-m", "sync", "--config", str(config), "run"],
             env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and len(mirror_rows_safe(sqlite_url)) < 1200:
-                time.sleep(0.1)
+            _wait_until(lambda: len(mirror_rows_safe(sqlite_url)) == 1200, timeout=30)
+            gone = set(server.data.delete("1", count=3))
+            _wait_until(lambda: gone.isdisjoint(mirror_rows_safe(sqlite_url)), timeout=30)
             process.send_signal(signal.SIGTERM)
             started = time.monotonic()
             code = process.wait(timeout=15)
@@ -308,6 +312,14 @@ class TestDaemon:
         assert code == 0
         assert time.monotonic() - started < 10
         assert mirror_rows(sqlite_url) == upstream_rows(server)
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s")
+        time.sleep(0.1)
 
 
 def mirror_rows_safe(db_url: str) -> dict[int, Any]:
