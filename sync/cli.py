@@ -13,8 +13,10 @@ from typing import Annotated, Any
 
 import click
 import typer
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from sync.config import Settings, load_settings
 from sync.demo import run_demo
@@ -222,25 +224,34 @@ def _status_json(row: CompanyStatus) -> dict[str, Any]:
 
 
 def _short(moment: datetime | None) -> str | None:
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else None
+    return moment.strftime("%Y-%m-%d %H:%M") if moment is not None else None
 
 
-def _status_table(rows: Sequence[CompanyStatus]) -> Table:
-    table = Table(title="contacts-sync status (times in UTC)")
-    for column in ("company", "cursor", "last success", "last error", "contacts", "deleted"):
-        table.add_column(column)
-    table.add_column("quarantined")
+def _status_table(rows: Sequence[CompanyStatus]) -> RenderableType:
+    """A table that fits 80 columns; each company's last error follows it on a line of its own."""
+    table = Table(
+        title="contacts-sync status (UTC)", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False
+    )
+    for column in ("company", "cursor", "last success"):
+        table.add_column(column, no_wrap=True)
+    for column in ("contacts", "deleted", "quarantined"):
+        table.add_column(column, justify="right", no_wrap=True)
+    errors = []
     for row in rows:
         table.add_row(
             row.company_id,
             _short(row.cursor) or "-",
             _short(row.last_success_at) or "never",
-            redactor().scrub(row.last_error) or "-",
             f"{row.contacts:,}",
             f"{row.deleted:,}",
             f"{row.quarantined:,}",
         )
-    return table
+        if row.last_error:
+            when = _short(row.last_error_at) or "?"
+            errors.append(
+                Text(f"company {row.company_id}, {when}: {redactor().scrub(row.last_error)}")
+            )
+    return Group(table, *errors)
 
 
 @app.command()

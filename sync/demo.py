@@ -28,7 +28,8 @@ def _fresh_database(path: Path) -> str:
 
 def _describe(report: PassReport) -> str:
     return (
-        f"{report.rows_fetched:,} rows in {report.requests:,} requests "
+        f"{report.rows_fetched:,} rows in {report.requests:,} "
+        f"request{'s' if report.requests != 1 else ''} "
         f"({report.duration_s:.2f} s, {report.rows_fetched / max(report.duration_s, 1e-3):,.0f} "
         f"rows/s), cursor {report.cursor_after.isoformat() if report.cursor_after else '-'}"
     )
