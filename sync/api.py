@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import re
+import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
+import orjson
 
 from sync import __version__
 from sync.config import ApiSettings
@@ -25,6 +28,11 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 CONTACTS_PATH = "/api/contacts"
 _UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 """JSON escapes for NUL or a surrogate: only then are a page's strings checked one by one."""
+_NON_FINITE = re.compile(rb"NaN|Infinity")
+"""Python's JSON reader accepts these; no JSON column can hold them (PostgreSQL refuses)."""
+_DIGITS_AS_ZERO = bytes(48 if byte in b"0123456789" else 32 for byte in range(256))
+"""Every digit to `0`, anything else to a space: a run of 20 zeros is then a 20-digit number."""
+_TWENTY_DIGITS = b"0" * 20
 
 
 def format_filter_time(moment: datetime) -> str:
@@ -72,6 +80,7 @@ class ContactsClient:
             headers=headers,
             timeout=timeout,
             follow_redirects=False,
+            verify=_tls_context(settings),
             transport=transport,
             limits=httpx.Limits(max_connections=max(4, settings.concurrency * 2)),
         )
@@ -119,8 +128,28 @@ class ContactsClient:
                 "check api.base_url and the network."
             ) from None
         careful = _UNSTORABLE_ESCAPE.search(body) is not None
+        if _NON_FINITE.search(body) is not None:
+            items = [_finite(item) for item in items]
         parsed = parse_items(items, careful=careful)
         return Page(offset=offset, limit=limit, parsed=parsed, server_time=server_time)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and +-Infinity become null, as JavaScript's JSON.stringify writes them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _tls_context(settings: ApiSettings) -> ssl.SSLContext | bool:
+    """Certificates are always verified: against `api.ca_bundle` when set, else the defaults."""
+    if settings.ca_bundle is None:
+        return True
+    return ssl.create_default_context(cafile=str(settings.ca_bundle))
 
 
 def _non_200_error(response: httpx.Response) -> UpstreamError:
@@ -163,7 +192,7 @@ def _decode_items(response: httpx.Response, body: bytes) -> list[Any]:
             "check api.base_url points at the contacts API."
         )
     try:
-        items = json.loads(body)
+        items = _loads(body)
     except ValueError:
         raise MalformedResponse(
             "The API answered 200 with a body that is not valid JSON; "
@@ -175,6 +204,21 @@ def _decode_items(response: httpx.Response, body: bytes) -> list[Any]:
             "check api.base_url points at the contacts API."
         )
     return items
+
+
+def _loads(body: bytes) -> Any:
+    """orjson for speed; the standard library wherever the two could differ.
+
+    orjson reads integers of 20 digits or more as floats and refuses NaN, Infinity and lone
+    surrogates, all of which the rows' validation must see as json.loads gives them.
+    """
+    # A translated copy and a substring search: ten times faster than a regex for \d{20}.
+    if _TWENTY_DIGITS not in body.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
 
 
 def _server_time(response: httpx.Response) -> datetime | None:

@@ -13,14 +13,14 @@ import os
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from operator import attrgetter
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
+import orjson
 import psycopg
-from alembic.util.exc import CommandError
 from sqlalchemy import URL, Connection, Engine, Table, create_engine, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError, StatementError
@@ -31,6 +31,8 @@ from sync.models import sqlite_timestamp
 from sync.rows import TEXT_FIELDS, ContactRow
 
 __all__ = ["Backend", "open_backend"]
+
+_Insert = TypeVar("_Insert", sqlite.Insert, postgresql.Insert)
 
 _WRITE_OPTION = "contacts_sync_write"
 """Execution option that makes a SQLite transaction BEGIN IMMEDIATE: it waits, never deadlocks."""
@@ -74,6 +76,7 @@ class Backend(ABC):
         self.url = url
         self.where = url.render_as_string(hide_password=True)
         self.engine = self._create_engine()
+        self._inserts: dict[str, Any] = {}
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -135,19 +138,13 @@ class Backend(ABC):
         """Any database failure while `doing` ("open", "read", "write to") -> DatabaseError."""
         try:
             yield
-        except (SQLAlchemyError, CommandError) as exc:
+        except SQLAlchemyError as exc:
             if isinstance(exc, StatementError) and not isinstance(exc, DBAPIError):
                 raise  # a value the driver never received: a bug of the caller's
             raise self._database_error(doing, exc) from exc
 
     def _database_error(self, doing: str, exc: Exception) -> DatabaseError:
         """One sentence naming the database (never its password) and what to do next."""
-        if isinstance(exc, CommandError):
-            return DatabaseError(
-                f"Cannot migrate the mirror database at {self.where}: {_first_line(exc)}; "
-                "if a newer contacts-sync upgraded it, upgrade contacts-sync too, "
-                "or point database.url at another database."
-            )
         cause = getattr(exc, "orig", None) or exc
         reason = _first_line(cause)
         if self.url.password:
@@ -224,7 +221,7 @@ class _SQLiteBackend(Backend):
         return engine
 
     def insert(self, table: Table) -> sqlite.Insert:
-        return sqlite.insert(table)
+        return _cached_insert(self._inserts, table, sqlite.insert)
 
     def _before_migration(self, conn: Connection) -> None:
         """Nothing to do: the migration's BEGIN IMMEDIATE already excludes other writers."""
@@ -331,12 +328,12 @@ class _PostgresBackend(Backend):
         return engine
 
     def insert(self, table: Table) -> postgresql.Insert:
-        return postgresql.insert(table)
+        return _cached_insert(self._inserts, table, postgresql.insert)
 
     def upsert_contacts(
         self, conn: Connection, company_id: str, rows: Sequence[ContactRow], synced_at: datetime
     ) -> int:
-        page = json.dumps(
+        page = _page_json(
             [
                 (
                     *_PLAIN_FIELDS(row),
@@ -396,6 +393,10 @@ def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: object) ->
     cursor.execute("PRAGMA busy_timeout = 30000")
     cursor.execute("PRAGMA journal_mode = WAL")
     cursor.execute("PRAGMA synchronous = NORMAL")
+    # Bulk loads dirty index pages all over the file: a bigger page cache and fewer, larger
+    # WAL checkpoints (40 MB instead of 4 MB) halve the commit time; both are bounded.
+    cursor.execute("PRAGMA cache_size = -16000")
+    cursor.execute("PRAGMA wal_autocheckpoint = 10000")
     cursor.close()
 
 
@@ -436,6 +437,25 @@ def _iso(value: datetime) -> str:
     if value.tzinfo is None:
         raise ValueError(f"naive datetime {value.isoformat()} given; pass an aware UTC one")
     return value.isoformat()
+
+
+def _cached_insert(
+    cache: dict[str, Any], table: Table, make: Callable[[Table], _Insert]
+) -> _Insert:
+    """One INSERT per table, reused: statements are immutable (`.values()` copies), and its
+    `excluded` alias, built on first use, costs more than the rest of a checkpoint write."""
+    insert: _Insert | None = cache.get(table.name)
+    if insert is None:
+        insert = cache[table.name] = make(table)
+    return insert
+
+
+def _page_json(page: list[tuple[Any, ...]]) -> str:
+    """orjson, several times faster; json for what orjson refuses (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(page).decode()
+    except TypeError:
+        return json.dumps(page)
 
 
 def _json_dumps(value: Any) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -18,17 +18,16 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from sync.config import Settings, load_settings
-from sync.demo import run_demo
+from sync.config import Settings, config_warnings, load_settings
 from sync.engine import CompanyOutcome, PassObserver, ReconcileReport, SyncEngine
 from sync.errors import ConfigError, SyncError, exit_code_for, severity_rank, worst_exit_code
 from sync.log import configure_logging, get_logger, redactor
 from sync.progress import progress_for
 from sync.rows import parse_timestamp
-from sync.sandbox import CONTACTS_PATH, DEFAULT_TOKEN, SandboxServer, serve_forever
-from sync.sandbox_data import ORDERS
-from sync.scheduler import Daemon
 from sync.store import CompanyStatus, MirrorStore
+
+if TYPE_CHECKING:
+    from sync.sandbox import SandboxServer
 
 __all__ = ["app", "main"]
 
@@ -61,6 +60,8 @@ def _global_options(
 def _settings(ctx: typer.Context) -> Settings:
     settings = load_settings(ctx.obj)
     configure_logging(settings.log.level, settings.log.format)
+    for warning in config_warnings(settings, ctx.obj):
+        log.warning("config.insecure", warning=warning)
     return settings
 
 
@@ -108,11 +109,9 @@ def _say_error(message: str) -> None:
 @app.command()
 def run(ctx: typer.Context) -> int:
     """Run as a daemon: scheduled incremental passes until SIGTERM or SIGINT, then exit 0."""
-    settings = _settings(ctx)
-    stop = threading.Event()
-    with _engine(settings, stop=stop) as engine:
-        Daemon(settings, engine, stop).run()
-    return 0
+    from sync.scheduler import serve  # noqa: PLC0415 - only this command needs it
+
+    return serve(_settings(ctx))
 
 
 @app.command()
@@ -266,6 +265,9 @@ def sandbox(
     ] = "id",
 ) -> int:
     """Serve a local simulator of the upstream API until Ctrl-C."""
+    from sync.sandbox import CONTACTS_PATH, DEFAULT_TOKEN, serve_forever  # noqa: PLC0415
+    from sync.sandbox_data import ORDERS  # noqa: PLC0415 - only this command needs these
+
     configure_logging("warning", "console")
     if order not in ORDERS:
         raise ConfigError(f"--order {order!r} is not one of {', '.join(ORDERS)}; pick one of them.")
@@ -290,6 +292,8 @@ def demo(
     contacts: Annotated[int, typer.Option(help="Contacts in the sandbox.", min=1)] = 20_000,
 ) -> int:
     """Start the sandbox, mirror it into a local SQLite file, change it, sync again, show status."""
+    from sync.demo import run_demo  # noqa: PLC0415 - only this command needs it
+
     configure_logging("warning", "console")
     stdout.print(_status_table(run_demo(stdout, database, contacts)))
     return 0

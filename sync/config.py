@@ -9,6 +9,8 @@ import ipaddress
 import math
 import os
 import re
+import ssl
+import stat
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,10 +38,12 @@ from sync.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "PUBLIC_SANDBOX_TOKEN",
     "ApiSettings",
     "DatabaseSettings",
     "Settings",
     "SyncSettings",
+    "config_warnings",
     "load_settings",
     "parse_duration",
 ]
@@ -47,6 +51,8 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("sync.toml")
 ENV_PREFIX = "CONTACTS_SYNC_"
 CONFIG_PATH_ENV = "CONTACTS_SYNC_CONFIG"
+PUBLIC_SANDBOX_TOKEN = "sandbox-token"  # noqa: S105 - published with the sandbox, not a secret
+"""The sandbox's token: a config file holding only it may be readable by anyone."""
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -101,6 +107,24 @@ class ApiSettings(_Section):
     page_size: int = Field(default=100, ge=1, le=100)
     concurrency: int = Field(default=4, ge=1, le=32)
     timeout_s: float = Field(default=30.0, gt=0, le=600)
+    ca_bundle: Path | None = None
+    """PEM file of CA certificates to trust instead of the default ones; never "no checks"."""
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle_loads(cls, path: Path | None) -> Path | None:
+        """Read now, so a wrong path fails the run at start-up (exit 2), not at the first page."""
+        if path is None:
+            return None
+        try:
+            ssl.create_default_context(cafile=str(path))
+        except ssl.SSLError:  # before OSError, of which it is a subclass
+            raise ValueError(f"{path} holds no PEM CA certificate; give a PEM bundle") from None
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read {path} ({exc.strerror or exc}); give a readable PEM file"
+            ) from None
+        return path
 
     @field_validator("companies")
     @classmethod
@@ -260,6 +284,47 @@ def load_settings(path: Path | None = None) -> Settings:
             f"A CONTACTS_SYNC_* environment variable is not valid JSON ({exc}); "
             'quote lists like \'["1", "2"]\'.'
         ) from None
+
+
+def config_warnings(settings: Settings, path: Path | None = None) -> list[str]:
+    """Sentences about risky but working setups: a token in a file that others may read.
+
+    The sandbox's published token is exempt, so the repository's own `sync.toml` stays quiet.
+    """
+    warnings: list[str] = []
+    file_path, _ = config_path_from_env(path)
+    token = settings.api.token
+    secret_in_file = _token_in_file(file_path) not in ("", PUBLIC_SANDBOX_TOKEN)
+    if secret_in_file and _readable_by_others(file_path):
+        warnings.append(
+            f"Config file {file_path} holds api.token and others may read it; "
+            f"run chmod 600 {file_path} or move the token to api.token_file."
+        )
+    token_file = settings.api.token_file
+    no_token = token is None or not token.get_secret_value().strip()
+    if no_token and token_file is not None and _readable_by_others(token_file):
+        warnings.append(
+            f"Token file {token_file} may be read by others; run chmod 600 {token_file}."
+        )
+    return warnings
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH))
+    except OSError:
+        return False
+
+
+def _token_in_file(path: Path) -> str:
+    """The api.token the file itself (not the environment) sets, or ""."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return ""
+    api = data.get("api")
+    value = api.get("token") if isinstance(api, dict) else None
+    return value.strip() if isinstance(value, str) else ""
 
 
 def _describe(exc: ValidationError, file_path: Path) -> str:

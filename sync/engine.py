@@ -14,7 +14,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+import httpx
 
 from sync.api import ContactsClient, Page
 from sync.config import Settings
@@ -28,7 +30,7 @@ from sync.errors import (
 from sync.log import get_logger, redactor
 from sync.paging import WalkStats, walk_pages
 from sync.retry import RetryPolicy
-from sync.rows import RowKey
+from sync.rows import ContactRow, RowKey
 from sync.store import Checkpoint, MirrorStore
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
 ]
 
 log = get_logger("sync.engine")
+_Result = TypeVar("_Result")
 
 INCREMENTAL = "incremental"
 _RECONCILE_WALKS = 4
@@ -70,6 +73,9 @@ class PassReport:
     rows_fetched: int = 0
     upserted: int = 0
     quarantined: int = 0
+    off_filter: int = 0
+    """Rows stored although they do not match the filter sent (`updated_at` not after the
+    `gt:` value, or another `client_id`): a sign that upstream changed its filter semantics."""
     requests: int = 0
     realignments: int = 0
     retries: dict[str, int] = field(default_factory=dict)
@@ -149,8 +155,12 @@ class SyncEngine:
         *,
         observer: PassObserver | None = None,
         stop: threading.Event | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> SyncEngine:
-        """Wire a client with the configured retry policy; the token is registered for redaction."""
+        """Wire a client with the configured retry policy; the token is registered for redaction.
+
+        With `stop`, a retry's backoff ends as soon as it is set and the pass is interrupted.
+        """
         token = settings.api.resolve_token()
         redactor().add(token)
         retries: Counter[str] = Counter()
@@ -159,13 +169,25 @@ class SyncEngine:
             retries[error.reason] += 1
             log.warning("upstream.retry", reason=error.reason, status=error.status, delay_s=delay)
 
+        def pause(seconds: float) -> None:
+            if stop is None:
+                time.sleep(seconds)
+            elif stop.wait(seconds):
+                raise PassInterrupted("(stopping)")
+
         policy = RetryPolicy(
             max_attempts=settings.retry.max_attempts,
             max_elapsed_s=settings.retry.max_elapsed_s,
             on_retry=count_retry,
+            sleep=pause,
         )
-        client = ContactsClient(settings.api, token, policy)
+        client = ContactsClient(settings.api, token, policy, transport=transport)
         return cls(settings, client, store, retries=retries, observer=observer, stop=stop)
+
+    @property
+    def retries(self) -> dict[str, int]:
+        """Retries by reason since this engine was made, for metrics."""
+        return dict(self._retries)
 
     def close(self) -> None:
         self._client.close()
@@ -200,14 +222,10 @@ class SyncEngine:
         restart: bool = False,
     ) -> PassReport:
         """One complete pass under the company's lock; on failure the cursor stays where it was."""
-        with self._store.company_lock(company_id):
-            try:
-                return self._run_pass(company_id, backfill=backfill, since=since, restart=restart)
-            except PassInterrupted:
-                raise
-            except SyncError as exc:
-                self._record_failure(company_id, exc)
-                raise
+        return self._under_lock(
+            company_id,
+            lambda: self._run_pass(company_id, backfill=backfill, since=since, restart=restart),
+        )
 
     def reconcile_company(self, company_id: str) -> ReconcileReport:
         """Find rows that vanished upstream and mark them (or delete them, `sync.deletes`).
@@ -216,9 +234,13 @@ class SyncEngine:
         it began are then read again by incremental walks until two in a row agree. A scan
         that cannot be sure marks nothing and says why.
         """
+        return self._under_lock(company_id, lambda: self._reconcile(company_id))
+
+    def _under_lock(self, company_id: str, work: Callable[[], _Result]) -> _Result:
+        """Run work as the company's only writer; a failure is recorded for `status`."""
         with self._store.company_lock(company_id):
             try:
-                return self._reconcile(company_id)
+                return work()
             except PassInterrupted:
                 raise
             except SyncError as exc:
@@ -378,6 +400,7 @@ class SyncEngine:
             start_offset=checkpoint.next_offset if checkpoint else 0,
             anchors=checkpoint.anchors if checkpoint else (),
             stats=stats,
+            throttled=lambda: self._retries["429"],
         )
         for step in steps:
             page = step.page
@@ -405,6 +428,17 @@ class SyncEngine:
             report.pages += 1
             report.rows_fetched += len(parsed.rows)
             report.quarantined += len(parsed.rejected)
+            off_filter = _off_filter(parsed.rows, filter_since, api.client_id)
+            if off_filter:
+                report.off_filter += off_filter
+                log.warning(
+                    "rows.off_filter",
+                    company_id=company_id,
+                    count=off_filter,
+                    filter_since=filter_since.isoformat() if filter_since else None,
+                    client_id=api.client_id,
+                    hint="upstream may have changed its filter semantics; the rows were stored",
+                )
             if parsed.rejected:
                 log.warning(
                     "rows.quarantined",
@@ -429,6 +463,18 @@ class SyncEngine:
         return self._store.advance_cursor(
             company_id, target, self._clock(), summary=report.as_event()
         )
+
+
+def _off_filter(
+    rows: Sequence[ContactRow], filter_since: datetime | None, client_id: int | None
+) -> int:
+    """How many rows the filter sent should have excluded."""
+    return sum(
+        1
+        for row in rows
+        if (filter_since is not None and row.updated_at <= filter_since)
+        or (client_id is not None and row.client_id != client_id)
+    )
 
 
 def _resumable(checkpoint: Checkpoint, mode: str, filter_since: datetime | None) -> bool:

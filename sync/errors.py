@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import httpx
 
+from sync.log import redactor
+
 __all__ = [
     "AuthError",
     "CompanyLocked",
@@ -43,6 +45,9 @@ class SyncError(Exception):
     exit_code: ClassVar[int] = 1
 
     def __init__(self, message: str) -> None:
+        # Scrubbed at birth: upstream text echoed into a message may carry the token, and the
+        # message travels to stderr, logs and the database's last_error.
+        message = redactor().scrub(message)
         super().__init__(message)
         self.message = message
 

@@ -32,6 +32,10 @@ class SecretRedactor:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
 
+    def forget(self) -> None:
+        """Drop every registered secret: for a process that serves one config after another."""
+        self._secrets = []
+
     def add(self, secret: str) -> None:
         if secret and secret not in self._secrets:
             self._secrets = sorted([*self._secrets, secret], key=len, reverse=True)

@@ -7,6 +7,11 @@ after that anchor. When no anchor is found, rows shifted backwards by more than 
 the walk steps back a page and looks again; the overlap widens after a shift and narrows again
 while nothing moves, so a quiet list costs one row per page. Pages are prefetched concurrently
 at predicted offsets; a misaligned page discards the prefetched ones.
+
+How many are in flight adapts: the window doubles per full page (slow start) up to what the
+latency needs to keep storing busy (fetch time over store time), so a fast server is not
+flooded with fetches that only fight the storing thread for the GIL, and it halves whenever
+the server rate-limited a request (429), growing back by one after a quiet spell.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from time import perf_counter
 
 from sync.api import Page
 from sync.errors import PagingUnstable
@@ -23,6 +29,14 @@ from sync.rows import RowKey
 __all__ = ["PageStep", "WalkStats", "walk_pages"]
 
 _QUIET_PAGES_BEFORE_NARROWING = 5
+_RESUME_ANCHORS = 16
+"""Keys a checkpoint keeps: the page's last rows, where a resumed walk overlaps it. More only
+cost time on every page (they are saved with it); if all of them changed meanwhile, the
+resumed walk steps back until it finds its place, as after any shift it cannot absorb."""
+_QUIET_PAGES_BEFORE_SPEEDING_UP = 8
+"""Pages without a 429 before a throttled walk allows one more fetch in flight."""
+_SMOOTHING = 0.25
+"""Weight of the newest sample in the moving averages of fetch and store times."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +56,8 @@ class WalkStats:
     realignments: int = 0
     discarded: int = 0
     shifts_absorbed: int = 0
+    throttled: int = 0
+    """Times the window was halved because the server rate-limited a request."""
     window: int = 1
     overlap: int = 1
 
@@ -65,6 +81,7 @@ class _Alignment:
 
     def __init__(self, limit: int, start_offset: int, anchors: Sequence[RowKey]) -> None:
         self.history: set[RowKey] = set(anchors)
+        self._last_keys: list[RowKey] = list(anchors)
         self.prev_end: int | None = start_offset if anchors else None
         self.overlap = 1
         self.aligned_pages = 0
@@ -77,7 +94,8 @@ class _Alignment:
 
     @property
     def anchors(self) -> list[RowKey]:
-        return list(self.history)
+        """What a checkpoint keeps to resume from: the last rows read, in page order."""
+        return self._last_keys[-_RESUME_ANCHORS:]
 
     def locate(self, page: Page, offset: int, stats: WalkStats) -> bool:
         """Whether the page is aligned; a backward shift it absorbed widens the overlap."""
@@ -105,24 +123,29 @@ class _Alignment:
         if self._quiet >= _QUIET_PAGES_BEFORE_NARROWING and self.overlap > 1:
             self.overlap = max(1, self.overlap // 2)
             self._quiet = 0
-        keys = {k for k in page.parsed.keys if k is not None}
+        keys = [k for k in page.parsed.keys if k is not None]
         if keys:
-            self.history = keys
+            self.history = set(keys)
+            self._last_keys = keys
         self.prev_end = offset + page.size - 1
 
 
 class _Prefetcher:
-    """Keeps up to `window` fetches in flight at predicted offsets and hands them back in order.
+    """Keeps fetches in flight at predicted offsets and hands them back in order.
 
     With concurrency 1 there is no thread pool: each fetch runs when it is asked for.
+    `fetch_s` is a moving average of how long one fetch takes, the walk's first one (a cold
+    connection, a cold server) left out.
     """
 
     def __init__(self, fetch: Callable[[int], Page], concurrency: int, stats: WalkStats) -> None:
         self._fetch = fetch
         self._stats = stats
         self._pool = ThreadPoolExecutor(max_workers=concurrency) if concurrency > 1 else None
-        self._pending: deque[tuple[int, Future[Page]]] = deque()
+        self._pending: deque[tuple[int, Future[tuple[Page, float]]]] = deque()
         self._next_offset = 0
+        self._timed = 0
+        self.fetch_s: float | None = None
 
     @property
     def idle(self) -> bool:
@@ -133,18 +156,28 @@ class _Prefetcher:
         self._next_offset = offset
 
     def take(self, window: int, step: int) -> tuple[int, Page]:
+        """The next page in order, with up to `window` fetches (it included) in flight."""
         while len(self._pending) < window:
             self._pending.append((self._next_offset, self._submit(self._next_offset)))
             self._next_offset += step
         offset, future = self._pending.popleft()
-        return offset, future.result()
+        page, seconds = future.result()
+        self._timed += 1
+        if self._timed > 1:
+            self.fetch_s = _average(self.fetch_s, seconds)
+        return offset, page
 
-    def _submit(self, offset: int) -> Future[Page]:
+    def _timed_fetch(self, offset: int) -> tuple[Page, float]:
+        started = perf_counter()
+        page = self._fetch(offset)
+        return page, perf_counter() - started
+
+    def _submit(self, offset: int) -> Future[tuple[Page, float]]:
         if self._pool is not None:
-            return self._pool.submit(self._fetch, offset)
-        future: Future[Page] = Future()
+            return self._pool.submit(self._timed_fetch, offset)
+        future: Future[tuple[Page, float]] = Future()
         try:
-            future.set_result(self._fetch(offset))
+            future.set_result(self._timed_fetch(offset))
         except Exception as exc:
             future.set_exception(exc)
         return future
@@ -161,6 +194,57 @@ class _Prefetcher:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _average(average: float | None, sample: float) -> float:
+    return sample if average is None else average + _SMOOTHING * (sample - average)
+
+
+class _Window:
+    """How many fetches to keep in flight: enough to hide their latency, fewer when throttled.
+
+    `size - 1` fetches run while the consumer stores a page; keeping it busy takes about fetch
+    time / store time of them, and no more: at the end of the list every one of them is a
+    request spent past the last page. `ceiling` is `concurrency`, halved by every 429 seen and
+    raised by one again after each quiet spell.
+    """
+
+    def __init__(self, concurrency: int, throttled: Callable[[], int] | None) -> None:
+        self.size = 1
+        self._concurrency = concurrency
+        self._ceiling = concurrency
+        self._throttled = throttled
+        self._throttles_seen = throttled() if throttled is not None else 0
+        self._quiet = 0
+        self.store_s: float | None = None
+
+    def stored(self, seconds: float) -> None:
+        self.store_s = _average(self.store_s, seconds)
+
+    def check_throttling(self, stats: WalkStats) -> None:
+        """Halve the window if the server rate-limited a request since the last page."""
+        if self._throttled is None:
+            return
+        seen = self._throttled()
+        if seen > self._throttles_seen:
+            self._throttles_seen = seen
+            self._ceiling = max(1, min(self._ceiling, self.size) // 2)
+            self.size = min(self.size, self._ceiling)
+            self._quiet = 0
+            stats.throttled += 1
+        elif self._ceiling < self._concurrency:
+            self._quiet += 1
+            if self._quiet >= _QUIET_PAGES_BEFORE_SPEEDING_UP:
+                self._ceiling += 1
+                self._quiet = 0
+
+    def grow(self, fetch_s: float | None) -> None:
+        """After a full aligned page: double (slow start), up to what the latency needs."""
+        target = self._ceiling
+        if fetch_s is not None and self.store_s is not None and self._ceiling > 2:
+            needed = 1 + round(fetch_s / max(self.store_s, 1e-4))
+            target = max(2, min(self._ceiling, needed))
+        self.size = min(target, self.size * 2)
+
+
 def walk_pages(
     fetch: Callable[[int], Page],
     *,
@@ -169,22 +253,26 @@ def walk_pages(
     start_offset: int = 0,
     anchors: Sequence[RowKey] = (),
     stats: WalkStats | None = None,
+    throttled: Callable[[], int] | None = None,
 ) -> Iterator[PageStep]:
     """Yield every page needed to read the whole (filtered) list once, in order.
 
     `fetch(offset)` returns the page at that offset. Resuming takes the `next_offset` and
-    `anchors` of the last stored step. Raises PagingUnstable when the list moves faster than
-    the walk can realign.
+    `anchors` of the last stored step. `throttled()`, if given, counts the requests the server
+    has rate-limited so far (it may be called from any thread's results); the walk keeps fewer
+    fetches in flight each time it grows. Raises PagingUnstable when the list moves faster
+    than the walk can realign.
     """
     stats = stats if stats is not None else WalkStats()
     alignment = _Alignment(limit, start_offset, anchors)
     prefetcher = _Prefetcher(fetch, concurrency, stats)
     prefetcher.restart_at(start_offset)
-    window = 1
+    window = _Window(concurrency, throttled)
     try:
         while True:
-            offset, page = prefetcher.take(window, limit - alignment.overlap)
+            offset, page = prefetcher.take(window.size, limit - alignment.overlap)
             stats.requests += 1
+            window.check_throttling(stats)
             if not alignment.locate(page, offset, stats):
                 stats.realignments += 1
                 if stats.realignments > _realignment_budget(alignment.aligned_pages):
@@ -194,7 +282,7 @@ def walk_pages(
                     )
                 alignment.widen()
                 prefetcher.restart_at(max(0, offset - (limit - 1)))
-                window = 1
+                window.size = 1
                 yield PageStep(page, False, alignment.resume_offset, alignment.anchors, False)
                 continue
             alignment.accept(page, offset)
@@ -202,12 +290,14 @@ def walk_pages(
             if last:
                 prefetcher.discard()
             else:
-                window = min(concurrency, window * 2)
+                window.grow(prefetcher.fetch_s)
                 if prefetcher.idle:
                     prefetcher.restart_at(alignment.resume_offset)
-            stats.window, stats.overlap = window, alignment.overlap
+            stats.window, stats.overlap = window.size, alignment.overlap
+            handed_over = perf_counter()
             yield PageStep(page, True, alignment.resume_offset, alignment.anchors, last)
             if last:
                 return
+            window.stored(perf_counter() - handed_over)
     finally:
         prefetcher.close()

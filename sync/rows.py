@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "CONTACT_FIELDS",
@@ -40,8 +40,9 @@ RowKey = tuple[int, datetime]
 """(id, updated_at): equal keys mean the same, unchanged row; paging aligns on them."""
 
 
-@dataclass(frozen=True, slots=True)
-class ContactRow:
+class ContactRow(NamedTuple):
+    """A valid contact, times in UTC; a named tuple because pages build a hundred at a time."""
+
     id: int
     updated_at: datetime
     created_at: datetime | None
@@ -59,6 +60,9 @@ class ContactRow:
     @property
     def key(self) -> RowKey:
         return (self.id, self.updated_at)
+
+
+_new_row = ContactRow._make
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,48 +178,36 @@ def _parse_well_formed(item: object) -> ContactRow | None:
     """
     if type(item) is not dict:
         return None
-    contact_id = item.get("id")
-    stamp = item.get("updated_at")
+    get = item.get
+    contact_id = get("id")
+    stamp = get("updated_at")
     if type(contact_id) is not int or not 0 < contact_id <= _MAX_BIGINT or type(stamp) is not str:
         return None
-    client_id = item.get("client_id")
+    client_id = get("client_id")
     if client_id is not None and (type(client_id) is not int or not 0 < client_id <= _MAX_BIGINT):
         return None
-    texts = [item.get(name) for name in TEXT_FIELDS]
-    if any(t is not None and type(t) is not str for t in texts):
-        return None
+    texts = tuple(map(get, TEXT_FIELDS))
+    for value in texts:
+        if value is not None and type(value) is not str:
+            return None
     updated_at = _utc_or_none(stamp)
-    created = item.get("created_at")
+    if updated_at is None:
+        return None
+    created = get("created_at")
     created_at = None
     if created is not None:
         created_at = _utc_or_none(created) if type(created) is str else None
         if created_at is None:
             return None
-    if updated_at is None:
-        return None
     extra = None if item.keys() <= _KNOWN else {k: v for k, v in item.items() if k not in _KNOWN}
-    email, name, surname, role, notes, linkedin, description, telephone = texts
-    return ContactRow(
-        contact_id,
-        updated_at,
-        created_at,
-        client_id,
-        email,
-        name,
-        surname,
-        role,
-        notes,
-        linkedin,
-        description,
-        telephone,
-        extra,
-    )
+    return _new_row((contact_id, updated_at, created_at, client_id, *texts, extra))
 
 
 def _raw_id(item: object) -> int | None:
     if isinstance(item, dict):
         value = item.get("id")
-        if isinstance(value, int) and not isinstance(value, bool):
+        # Only what a bigint column holds: a larger id is kept in the payload, not as a key.
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _MAX_BIGINT:
             return value
     return None
 

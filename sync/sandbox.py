@@ -31,6 +31,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from sync.config import PUBLIC_SANDBOX_TOKEN
 from sync.sandbox_data import ORDERS, Order, SandboxData, UpdatedFilter
 
 __all__ = [
@@ -59,7 +60,7 @@ FaultKind = Literal[
 FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
 
 HOST = "127.0.0.1"
-DEFAULT_TOKEN = "sandbox-token"  # noqa: S105 - the published demo token, not a secret
+DEFAULT_TOKEN = PUBLIC_SANDBOX_TOKEN
 CONTACTS_PATH = "/api/contacts"
 
 _HUGE_SIZE = 50 * 1024 * 1024

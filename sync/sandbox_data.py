@@ -134,6 +134,27 @@ class _Contact:
         self.rendered = "".join(parts).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class _RawItem:
+    """An item served verbatim (hostile-input tests); it sorts and filters as its keys say."""
+
+    sort_id: int
+    updated_at: datetime
+    client_id: object
+    unfiltered: bool
+    seq: int
+    rendered: bytes
+
+    def matches(
+        self, low: datetime | None, high: datetime | None, inclusive: bool, client_id: int | None
+    ) -> bool:
+        if self.unfiltered:
+            return True
+        after = low is None or low < self.updated_at or (inclusive and low == self.updated_at)
+        before = high is None or self.updated_at < high
+        return after and before and (client_id is None or self.client_id == client_id)
+
+
 @dataclass(slots=True)
 class _Company:
     rng: random.Random
@@ -147,6 +168,8 @@ class _Company:
         default_factory=dict
     )
     """Rendered rows of each filtered, ordered list served so far; cleared on any change."""
+    raw: list[_RawItem] = field(default_factory=list)
+    """Items put with `put_raw`, served among the generated rows; not part of `snapshot`."""
 
 
 class SandboxData:
@@ -283,6 +306,53 @@ class SandboxData:
                 state.touched[contact_id] = version
             return chosen
 
+    def put_raw(
+        self,
+        company: str,
+        item: object,
+        *,
+        sort_id: int | None = None,
+        updated_at: datetime | None = None,
+        unfiltered: bool = False,
+    ) -> int:
+        """Serve `item` as it is (any JSON value, or `bytes` sent verbatim) in the company's list.
+
+        It takes the place a contact with `sort_id` and `updated_at` would have in every server
+        order and filter: by default its own `id` (else a fresh id) and its own `updated_at`
+        (else the sandbox clock). `unfiltered` serves it whatever the filters say, as an
+        upstream that ignores them would. Raw items are left out of `snapshot` and `ids`.
+        Returns the id it sorts by.
+        """
+        rendered = item if isinstance(item, bytes) else json.dumps(item).encode()
+        fields = item if isinstance(item, dict) else {}
+        with self._lock:
+            state = self._company(company)
+            if sort_id is None:
+                own = fields.get("id")
+                own_ok = isinstance(own, int) and not isinstance(own, bool) and own > 0
+                sort_id = own if own_ok and isinstance(own, int) else state.next_id
+            state.next_id = max(state.next_id, sort_id + 1)
+            stamp = updated_at if updated_at is not None else _parsed_stamp(fields)
+            self._bump(state)
+            state.raw.append(
+                _RawItem(
+                    sort_id=sort_id,
+                    updated_at=stamp if stamp is not None else self._tick(),
+                    client_id=fields.get("client_id"),
+                    unfiltered=unfiltered,
+                    seq=len(state.raw) + 1,
+                    rendered=rendered,
+                )
+            )
+            return sort_id
+
+    def clear_raw(self, company: str) -> None:
+        """Stop serving the company's raw items."""
+        with self._lock:
+            state = self._company(company)
+            state.raw.clear()
+            self._bump(state)
+
     def page(
         self,
         company: str,
@@ -388,9 +458,50 @@ def _build_view(
         end = len(stamps) if high is None else bisect_left(stamps, high, key=_stamp_of)
         rows = (state.rows[contact_id] for _, contact_id in stamps[start:end])
     view = [row.rendered for row in rows if client_id is None or row.client_id == client_id]
+    if state.raw:
+        view = _with_raw(state, view, (low, high, low_inclusive), client_id, order)
     if order == "updated_desc":
         view.reverse()
     return view
+
+
+def _with_raw(
+    state: _Company,
+    view: list[bytes],
+    bounds: tuple[datetime | None, datetime | None, bool],
+    client_id: int | None,
+    order: Order,
+) -> list[bytes]:
+    """The ascending view with the matching raw items merged in where their keys place them."""
+    low, high, inclusive = bounds
+    by_rendered = {row.rendered: row for row in state.rows.values()}
+    entries: list[tuple[tuple[Any, ...], bytes]] = []
+    for rendered in view:
+        row = by_rendered[rendered]
+        key = (row.id, 0) if order == "id" else (row.updated_at, row.id, 0)
+        entries.append((key, rendered))
+    for raw in state.raw:
+        if raw.matches(low, high, inclusive, client_id):
+            key = (
+                (raw.sort_id, raw.seq) if order == "id" else (raw.updated_at, raw.sort_id, raw.seq)
+            )
+            entries.append((key, raw.rendered))
+    entries.sort(key=lambda entry: entry[0])
+    return [rendered for _, rendered in entries]
+
+
+def _parsed_stamp(fields: dict[Any, Any]) -> datetime | None:
+    value = fields.get("updated_at")
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    try:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:
+        return None
 
 
 def _stamp_of(key: tuple[datetime, int]) -> datetime:

@@ -1,9 +1,14 @@
-"""The daemon: APScheduler jobs that call the engine, and signal handling. No sync logic here."""
+"""The daemon: APScheduler jobs that call the engine, signals, systemd and metrics wiring.
+
+No sync logic here: a job is one engine call, and whatever it raises is logged, counted and
+left to the next tick.
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
@@ -15,25 +20,72 @@ from sync.config import Settings
 from sync.engine import SyncEngine
 from sync.errors import CompanyLocked, PassInterrupted, SyncError
 from sync.log import get_logger
+from sync.metrics import Metrics
+from sync.stoppable import StoppableTransport
+from sync.store import MirrorStore
+from sync.systemd import Notifier
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "serve"]
 
 log = get_logger("sync.daemon")
 
 _JITTER_FRACTION = 0.05
 
 
+def serve(settings: Settings) -> int:
+    """`run`: open the mirror, wire engine, metrics and systemd, run until stopped; exit code 0.
+
+    The engine's HTTP transport can be cut off, so a stop never waits for a slow upstream.
+    """
+    stop = threading.Event()
+    ca_bundle = settings.api.ca_bundle  # the client's own TLS settings go with its transport
+    transport = StoppableTransport(
+        max_connections=max(4, settings.api.concurrency * 2),
+        ca_bundle=str(ca_bundle) if ca_bundle is not None else None,
+    )
+    store = MirrorStore.open(settings.database.url)
+    try:
+        metrics = Metrics()
+        engine = SyncEngine.from_settings(
+            settings, store, observer=metrics, stop=stop, transport=transport
+        )
+        metrics.track_retries(lambda: engine.retries)
+        try:
+            if settings.metrics.port > 0:
+                metrics.serve(settings.metrics.port)
+            Daemon(settings, engine, stop, metrics=metrics, on_stop=transport.abort).run()
+        finally:
+            metrics.close()
+            engine.close()
+    finally:
+        store.close()
+    return 0
+
+
 class Daemon:
     """Runs an incremental pass per company every `sync.interval` until stopped.
 
-    The first signal asks the running pass to stop after its current page (nothing half-done
-    is committed: the cursor rules hold) and the daemon exits 0; a second one kills at once.
+    The first signal cuts off in-flight requests and ends the running pass at once (nothing
+    half-done is committed: each page is one transaction and the cursor moves only after a
+    complete pass); the daemon then exits 0. A second signal kills at once.
     """
 
-    def __init__(self, settings: Settings, engine: SyncEngine, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: SyncEngine,
+        stop: threading.Event,
+        *,
+        metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._engine = engine
         self._stop = stop
+        self._metrics = metrics
+        self._notifier = notifier if notifier is not None else Notifier()
+        self._on_stop = on_stop
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -42,10 +94,12 @@ class Daemon:
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """First signal: stop gracefully; the default action is restored for a second one."""
-        log.info("daemon.stopping", signal=signal.Signals(signum).name)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         self._stop.set()
+        if self._on_stop is not None:
+            self._on_stop()
+        log.info("daemon.stopping", signal=signal.Signals(signum).name)
 
     def run(self) -> None:
         interval = self._settings.sync.interval
@@ -73,28 +127,54 @@ class Daemon:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self._scheduler.start()
-        log.info(
-            "daemon.started", companies=list(self._settings.api.companies), interval_s=interval
-        )
-        self._stop.wait()
+        companies = list(self._settings.api.companies)
+        log.info("daemon.started", companies=companies, interval_s=interval)
+        self._notifier.ready(f"syncing {len(companies)} companies every {interval:g} s")
+        self._wait_for_stop()
+        self._notifier.stopping("stopping: finishing the current page")
+        stopping = time.monotonic()
         self._scheduler.shutdown(wait=True)
-        log.info("daemon.stopped")
+        log.info("daemon.stopped", stop_s=round(time.monotonic() - stopping, 3))
+
+    def _wait_for_stop(self) -> None:
+        """Block until stopped, pinging systemd's watchdog while the scheduler is alive."""
+        every = self._notifier.watchdog_interval_s
+        if every is None:
+            self._stop.wait()
+            return
+        self._notifier.watchdog()
+        while not self._stop.wait(every):
+            if self._scheduler.running:
+                self._notifier.watchdog()
 
     def _sync_company(self, company_id: str) -> None:
-        self._guarded(company_id, self._engine.sync_company)
+        self._guarded(company_id, "sync", self._engine.sync_company)
 
     def _reconcile_company(self, company_id: str) -> None:
-        self._guarded(company_id, self._engine.reconcile_company)
+        self._guarded(company_id, "reconcile", self._engine.reconcile_company)
 
-    def _guarded(self, company_id: str, job: Callable[[str], object]) -> None:
-        """Run a job; whatever it raises is logged and the next tick tries again."""
+    def _guarded(self, company_id: str, kind: str, job: Callable[[str], object]) -> None:
+        """Run a job; whatever it raises is logged and counted, and the next tick tries again."""
         if self._stop.is_set():
             return
+        outcome = "ok"
         try:
             job(company_id)
         except CompanyLocked:
+            outcome = "skipped"
             log.info("pass.skipped", company_id=company_id, reason="locked by another process")
         except PassInterrupted:
+            outcome = "interrupted"
             log.info("pass.interrupted", company_id=company_id)
         except SyncError as exc:
-            log.warning("pass.will_retry_next_tick", company_id=company_id, error=exc.message)
+            if self._stop.is_set():
+                outcome = "interrupted"
+                log.info("pass.interrupted", company_id=company_id)
+            else:
+                outcome = "failed"
+                log.warning("pass.will_retry_next_tick", company_id=company_id, error=exc.message)
+        except Exception:
+            outcome = "failed"
+            log.exception("pass.crashed", company_id=company_id)
+        if self._metrics is not None:
+            self._metrics.count(company_id, kind, outcome)

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, case, delete, func, inspect, or_, select, update
+from sqlalchemy import Connection, case, delete, func, inspect, or_, select, text, update
 from sqlalchemy.sql.expression import ColumnElement, Executable
 
 from sync.backends import Backend, open_backend
@@ -380,10 +378,34 @@ class MirrorStore:
                     "contacts-sync did not create; "
                     "point database.url at another database or schema."
                 )
+            if VERSION_TABLE in tables and _stored_revisions(conn) == [SCHEMA_HEAD]:
+                return
+            # Alembic is imported only when there is something to upgrade: it is a large share
+            # of every command's start-up, and a database is at head nearly every time.
+            from alembic import command  # noqa: PLC0415
+            from alembic.config import Config  # noqa: PLC0415
+            from alembic.util.exc import CommandError  # noqa: PLC0415
+
             config = Config()
             config.set_main_option("script_location", "sync:migrations")
             config.attributes["connection"] = conn
-            command.upgrade(config, "head")
+            try:
+                command.upgrade(config, "head")
+            except CommandError as exc:
+                raise DatabaseError(
+                    f"Cannot migrate the mirror database at {self._backend.where}: "
+                    f"{str(exc).splitlines()[0]}; if a newer contacts-sync upgraded it, "
+                    "upgrade contacts-sync too, or point database.url at another database."
+                ) from exc
+
+
+def _stored_revisions(conn: Connection) -> list[str]:
+    query = text(f"SELECT version_num FROM {VERSION_TABLE}")  # noqa: S608 - a constant name
+    return list(conn.execute(query).scalars())
+
+
+SCHEMA_HEAD = "0001"
+"""The newest migration's revision; a test keeps it equal to Alembic's head."""
 
 
 def _utc(value: datetime) -> datetime:

@@ -16,6 +16,7 @@ import structlog
 from sqlalchemy import create_engine, text
 
 from sync.config import Settings
+from sync.log import redactor
 from sync.rows import CONTACT_FIELDS, parse_items
 from sync.sandbox import DEFAULT_TOKEN, SandboxServer
 from sync.sandbox_data import SandboxData
@@ -74,10 +75,11 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    """Each test starts from structlog's defaults, whatever the previous one configured."""
+def _reset_logging() -> Iterator[None]:
+    """Each test starts from structlog's defaults and a redactor that knows no token yet."""
     yield
     structlog.reset_defaults()
+    redactor().forget()
 
 
 @pytest.fixture

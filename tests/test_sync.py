@@ -176,7 +176,12 @@ class TestFailures:
             def pass_finished(self, report: PassReport) -> None:
                 pass
 
-        settings = make_settings(sandbox, db_url, api={"concurrency": concurrency})
+        settings = make_settings(
+            sandbox,
+            db_url,
+            api={"concurrency": concurrency},
+            retry={"max_attempts": 8, "max_elapsed_s": 60},
+        )
         with engine_for(settings, BurstPerPage()) as engine:
             report = engine.sync_company("1")
         assert not bursts
@@ -203,7 +208,11 @@ class TestFailures:
         ("config", "token", "error"),
         [
             (SandboxConfig(), "wrong-token", AuthError),
-            (SandboxConfig(tokens=("t",), tokens_without_view=("t",)), "t", AuthError),
+            (
+                SandboxConfig(tokens=("no-view-token",), tokens_without_view=("no-view-token",)),
+                "no-view-token",
+                AuthError,
+            ),
         ],
         ids=["401", "403"],
     )
