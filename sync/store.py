@@ -125,31 +125,53 @@ class MirrorStore:
             if rows:
                 written = self._backend.upsert_contacts(conn, company_id, rows, synced_at)
             if rejected:
-                # A bad row read again (lookback, rerun) replaces its entry instead of adding one.
-                again = {item.contact_id for item in rejected if item.contact_id is not None}
-                if again:
-                    conn.execute(
-                        delete(_QUARANTINE).where(
-                            _QUARANTINE.c.company_id == company_id,
-                            _QUARANTINE.c.contact_id.in_(sorted(again)),
-                        )
-                    )
-                conn.execute(
-                    _QUARANTINE.insert(),
-                    [
-                        {
-                            "company_id": company_id,
-                            "contact_id": item.contact_id,
-                            "reason": item.reason,
-                            "payload": json.dumps(item.payload, default=str),
-                            "seen_at": synced_at,
-                        }
-                        for item in rejected
-                    ],
-                )
+                self._quarantine(conn, company_id, rejected, synced_at)
             if checkpoint is not None:
                 self._save_checkpoint(conn, company_id, checkpoint, synced_at)
         return written
+
+    def _quarantine(
+        self,
+        conn: Connection,
+        company_id: str,
+        rejected: Sequence[RejectedRow],
+        seen_at: datetime,
+    ) -> None:
+        """Keep one entry per bad row: by its id, or by its exact JSON when it has none.
+
+        A bad row is read again by page overlaps, lookback windows and reruns; it must not
+        be counted again each time.
+        """
+        entries = {
+            (item.contact_id, json.dumps(item.payload, default=str)): item.reason
+            for item in rejected
+        }
+        ids = sorted({contact_id for contact_id, _ in entries if contact_id is not None})
+        anonymous = sorted({payload for contact_id, payload in entries if contact_id is None})
+        mine = _QUARANTINE.c.company_id == company_id
+        if ids:
+            conn.execute(delete(_QUARANTINE).where(mine, _QUARANTINE.c.contact_id.in_(ids)))
+        if anonymous:
+            conn.execute(
+                delete(_QUARANTINE).where(
+                    mine,
+                    _QUARANTINE.c.contact_id.is_(None),
+                    _QUARANTINE.c.payload.in_(anonymous),
+                )
+            )
+        conn.execute(
+            _QUARANTINE.insert(),
+            [
+                {
+                    "company_id": company_id,
+                    "contact_id": contact_id,
+                    "reason": reason,
+                    "payload": payload,
+                    "seen_at": seen_at,
+                }
+                for (contact_id, payload), reason in entries.items()
+            ],
+        )
 
     def read_state(self, company_id: str) -> CompanyState:
         with self._backend.read() as conn:

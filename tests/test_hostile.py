@@ -353,11 +353,6 @@ class TestKnownLimits:
         run_pass(make_settings(property_sandbox, sqlite_url, api={"page_size": 4}))
         assert len(mirror_rows(sqlite_url)) == 13
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="store.py replaces a quarantine entry by contact id only: a broken item without "
-        "an id gets a new entry each time it is read (overlaps, realignments, every pass)",
-    )
     def test_a_broken_item_without_an_id_is_counted_once(
         self, small: SandboxServer, sqlite_url: str
     ) -> None:
