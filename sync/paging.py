@@ -83,6 +83,8 @@ class _Alignment:
         self.history: set[RowKey] = set(anchors)
         self._last_keys: list[RowKey] = list(anchors)
         self.prev_end: int | None = start_offset if anchors else None
+        self.last_anchor_at: int | None = start_offset if anchors else None
+        """Offset of the last valid row read: the next page must start at or before it."""
         self.overlap = 1
         self.aligned_pages = 0
         self._max_overlap = max(1, limit // 2)
@@ -90,7 +92,12 @@ class _Alignment:
 
     @property
     def resume_offset(self) -> int:
-        return 0 if self.prev_end is None else max(0, self.prev_end - self.overlap + 1)
+        if self.prev_end is None:
+            return 0
+        start = self.prev_end - self.overlap + 1
+        if self.last_anchor_at is not None:
+            start = min(start, self.last_anchor_at)
+        return max(0, start)
 
     @property
     def anchors(self) -> list[RowKey]:
@@ -123,10 +130,19 @@ class _Alignment:
         if self._quiet >= _QUIET_PAGES_BEFORE_NARROWING and self.overlap > 1:
             self.overlap = max(1, self.overlap // 2)
             self._quiet = 0
+        # Only valid rows can anchor: after a run of broken items at the end of a page, the
+        # next page starts back at the last valid one; a page with none anchors nothing.
         keys = [k for k in page.parsed.keys if k is not None]
-        if keys:
-            self.history = set(keys)
-            self._last_keys = keys
+        self.history = set(keys)
+        self._last_keys = keys
+        last_valid = next(
+            (i for i in range(page.size - 1, -1, -1) if page.parsed.keys[i] is not None), None
+        )
+        if not last_valid:
+            # No valid row past the page's first: anchoring there would never move on.
+            self.history, self._last_keys, self.last_anchor_at = set(), [], None
+        else:
+            self.last_anchor_at = offset + last_valid
         self.prev_end = offset + page.size - 1
 
 
@@ -150,6 +166,11 @@ class _Prefetcher:
     @property
     def idle(self) -> bool:
         return not self._pending
+
+    @property
+    def upcoming(self) -> int:
+        """The offset of the next page it will hand back."""
+        return self._pending[0][0] if self._pending else self._next_offset
 
     def restart_at(self, offset: int) -> None:
         self.discard()
@@ -291,7 +312,8 @@ def walk_pages(
                 prefetcher.discard()
             else:
                 window.grow(prefetcher.fetch_s)
-                if prefetcher.idle:
+                anchor_at = alignment.last_anchor_at
+                if prefetcher.idle or (anchor_at is not None and prefetcher.upcoming > anchor_at):
                     prefetcher.restart_at(alignment.resume_offset)
             stats.window, stats.overlap = window.size, alignment.overlap
             handed_over = perf_counter()

@@ -336,12 +336,6 @@ class TestUpstreamRows:
 class TestKnownLimits:
     """Found by these tests in code owned elsewhere; strict, so a fix turns them red to remove."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        raises=SyncError,
-        reason="paging.py anchors only on valid rows: a run of broken items wider than the "
-        "overlap at a page boundary fails every pass (exit 5, cursor kept, nothing lost)",
-    )
     def test_a_run_of_broken_items_at_a_page_boundary_is_walked_past(
         self, property_sandbox: SandboxServer, sqlite_url: str
     ) -> None:

@@ -7,6 +7,7 @@ scenarios over HTTP against the sandbox.
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -43,6 +44,7 @@ class LiveList:
         }
         self._clock = BASE + timedelta(days=30)
         self._next_id = self.size + 1
+        self._lock = threading.Lock()
 
     def _tick(self) -> datetime:
         self._clock += timedelta(milliseconds=1)
@@ -69,9 +71,10 @@ class LiveList:
         return by_time if self.order == "updated_asc" else by_time[::-1]
 
     def fetch(self, offset: int) -> Page:
-        self.requests += 1
-        self.mutate()
-        window = self.ordered()[offset : offset + LIMIT]
+        with self._lock:  # prefetching calls this from several threads, like a real server
+            self.requests += 1
+            self.mutate()
+            window = self.ordered()[offset : offset + LIMIT]
         items = [{"id": i, "updated_at": t.isoformat()} for i, t in window]
         return Page(offset=offset, limit=LIMIT, parsed=parse_items(items), server_time=None)
 
