@@ -36,8 +36,8 @@ bodies with its faults) unless a server cannot produce it; then `httpx.MockTrans
 | database  | a contacts table that is not ours     | exit 6, that table untouched                |
 | database  | disk full (SQLite max_page_count)     | exit 6, committed rows and cursor kept      |
 | secrets   | upstream echoes the token; debug logs | not in output, files, status, metrics       |
-| limits    | broken run at a page boundary;        | known, xfail(strict) in TestKnownLimits     |
-|           | id-less broken item re-read           |                                             |
+| paging    | broken run at a page boundary;        | walked past; counted once in quarantine     |
+|           | id-less broken item re-read           | (TestBrokenRuns)                            |
 
 Locks held by another process (exit 7) are covered in test_cli.py; a full disk is
 reproduced by capping SQLite's max_page_count.
@@ -333,8 +333,8 @@ class TestUpstreamRows:
         )
 
 
-class TestKnownLimits:
-    """Found by these tests in code owned elsewhere; strict, so a fix turns them red to remove."""
+class TestBrokenRuns:
+    """Broken items that paging and quarantine see more than once."""
 
     def test_a_run_of_broken_items_at_a_page_boundary_is_walked_past(
         self, property_sandbox: SandboxServer, sqlite_url: str
@@ -516,8 +516,7 @@ class TestRandomPages:
             engine.close()
             store.close()
         if failed is not None:
-            # A run of broken items wider than the paging overlap leaves nothing to align on
-            # (TestKnownLimits): the pass fails cleanly and the cursor stays.
+            # Whatever paging cannot align on must end the pass cleanly, the cursor unmoved.
             assert failed.exit_code == 5
             assert cursor is None
             return
