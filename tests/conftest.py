@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,35 @@ def mirror_rows(
             row["extra"] = json.loads(row["extra"])
         out[row["id"]] = _normalise(row)
     return out
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+    """Poll until `condition` holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.05)
+
+
+def stored_pages(db_url: str, company: str = "1") -> int:
+    """Pages an unfinished pass has committed (0 before the schema or a checkpoint exists)."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            pages = conn.execute(
+                text("SELECT pages FROM checkpoints WHERE company_id = :c"), {"c": company}
+            ).scalar()
+    except Exception:
+        pages = None
+    finally:
+        engine.dispose()
+    return int(pages or 0)
+
+
+def safe_rows(db_url: str, company: str = "1") -> dict[int, Any]:
+    """mirror_rows, or nothing while the database is still being created."""
+    try:
+        return mirror_rows(db_url, company)
+    except Exception:
+        return {}

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import mirror_rows, upstream_rows
-from sqlalchemy import create_engine, text
+from conftest import mirror_rows, safe_rows, stored_pages, upstream_rows, wait_until
 
 from sync.sandbox import SandboxConfig, SandboxServer
 from sync.sandbox_data import SandboxData
@@ -214,7 +213,7 @@ class TestBackfillResume:
                 stderr=subprocess.DEVNULL,
             )
             try:
-                _wait_for_pages(db_url, 30, timeout=60)
+                wait_until(lambda: stored_pages(db_url) >= 30, 60, "30 stored pages")
             finally:
                 process.send_signal(signal.SIGKILL)
                 process.wait(timeout=10)
@@ -238,24 +237,6 @@ class TestBackfillResume:
 def math_ceil_pages(rows: int, limit: int = 100) -> int:
     """Pages a quiet full walk takes: 99 new rows a page after the first, then the short one."""
     return 1 + -(-(rows - limit + 1) // (limit - 1))
-
-
-def _wait_for_pages(db_url: str, pages: int, timeout: float) -> None:
-    engine = create_engine(db_url)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            try:
-                with engine.connect() as conn:
-                    stored = conn.execute(text("SELECT pages FROM checkpoints")).scalar()
-            except Exception:
-                stored = None
-            if stored is not None and stored >= pages:
-                return
-            time.sleep(0.05)
-    finally:
-        engine.dispose()
-    raise AssertionError(f"the backfill did not store {pages} pages in {timeout} s")
 
 
 class TestSecrets:
@@ -300,9 +281,9 @@ class TestDaemon:
             stderr=subprocess.DEVNULL,
         )
         try:
-            _wait_until(lambda: len(mirror_rows_safe(sqlite_url)) == 1200, timeout=30)
+            wait_until(lambda: len(safe_rows(sqlite_url)) == 1200, timeout=30)
             gone = set(server.data.delete("1", count=3))
-            _wait_until(lambda: gone.isdisjoint(mirror_rows_safe(sqlite_url)), timeout=30)
+            wait_until(lambda: gone.isdisjoint(safe_rows(sqlite_url)), timeout=30)
             process.send_signal(signal.SIGTERM)
             started = time.monotonic()
             code = process.wait(timeout=15)
@@ -312,18 +293,3 @@ class TestDaemon:
         assert code == 0
         assert time.monotonic() - started < 10
         assert mirror_rows(sqlite_url) == upstream_rows(server)
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout} s")
-        time.sleep(0.1)
-
-
-def mirror_rows_safe(db_url: str) -> dict[int, Any]:
-    try:
-        return mirror_rows(db_url)
-    except Exception:
-        return {}

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,7 @@ import certifi
 import httpx
 import psycopg
 import pytest
-from conftest import PG_ADMIN_DSN, mirror_rows, upstream_rows
-from sqlalchemy import create_engine, text
+from conftest import PG_ADMIN_DSN, mirror_rows, safe_rows, stored_pages, upstream_rows, wait_until
 from test_cli import SECRET, write_config
 
 from sync.sandbox import SandboxConfig, SandboxServer
@@ -84,35 +83,6 @@ def daemons() -> Iterator[list[DaemonProcess]]:
     yield started
     for daemon in started:
         daemon.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.05)
-
-
-def stored_pages(db_url: str, company: str = "1") -> int:
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            pages = conn.execute(
-                text("SELECT pages FROM checkpoints WHERE company_id = :c"), {"c": company}
-            ).scalar()
-    except Exception:
-        pages = None
-    finally:
-        engine.dispose()
-    return int(pages or 0)
-
-
-def safe_rows(db_url: str, company: str = "1") -> dict[int, Any]:
-    try:
-        return mirror_rows(db_url, company)
-    except Exception:
-        return {}
 
 
 def free_port() -> int:
