@@ -28,8 +28,6 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 CONTACTS_PATH = "/api/contacts"
 _UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 """JSON escapes for NUL or a surrogate: only then are a page's strings checked one by one."""
-_NON_FINITE = re.compile(rb"NaN|Infinity")
-"""Python's JSON reader accepts these; no JSON column can hold them (PostgreSQL refuses)."""
 _DIGITS_AS_ZERO = bytes(48 if byte in b"0123456789" else 32 for byte in range(256))
 """Every digit to `0`, anything else to a space: a run of 20 zeros is then a 20-digit number."""
 _TWENTY_DIGITS = b"0" * 20
@@ -128,8 +126,6 @@ class ContactsClient:
                 "check api.base_url and the network."
             ) from None
         careful = _UNSTORABLE_ESCAPE.search(body) is not None
-        if _NON_FINITE.search(body) is not None:
-            items = [_finite(item) for item in items]
         parsed = parse_items(items, careful=careful)
         return Page(offset=offset, limit=limit, parsed=parsed, server_time=server_time)
 
@@ -210,7 +206,8 @@ def _loads(body: bytes) -> Any:
     """orjson for speed; the standard library wherever the two could differ.
 
     orjson reads integers of 20 digits or more as floats and refuses NaN, Infinity and lone
-    surrogates, all of which the rows' validation must see as json.loads gives them.
+    surrogates, all of which the rows' validation must see as json.loads gives them; NaN and
+    Infinity, which no JSON column can hold (PostgreSQL refuses them), then become null.
     """
     # A translated copy and a substring search: ten times faster than a regex for \d{20}.
     if _TWENTY_DIGITS not in body.translate(_DIGITS_AS_ZERO):
@@ -218,7 +215,7 @@ def _loads(body: bytes) -> Any:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(body)
+    return _finite(json.loads(body))
 
 
 def _server_time(response: httpx.Response) -> datetime | None:

@@ -28,10 +28,10 @@ from sync.errors import (
     exit_code_for,
 )
 from sync.log import get_logger, redactor
-from sync.paging import WalkStats, walk_pages
+from sync.paging import PageStep, WalkStats, walk_pages
 from sync.retry import RetryPolicy
 from sync.rows import ContactRow, RowKey
-from sync.store import Checkpoint, MirrorStore
+from sync.store import Checkpoint, MirrorStore, PageWriter
 
 __all__ = [
     "CompanyOutcome",
@@ -49,6 +49,11 @@ INCREMENTAL = "incremental"
 _RECONCILE_WALKS = 4
 """Incremental re-reads after a deletion scan before it gives up on being sure."""
 BACKFILL = "backfill"
+_MAX_TRANSACTION_S = 0.25
+"""Longest a group of pages stays uncommitted: what a kill re-fetches, and how long other
+writers of a SQLite file may wait for it."""
+_NEXT_PAGE_WAIT_S = 0.02
+"""How long a group waits for its next page (already requested) before it is committed."""
 
 
 def utc_now() -> datetime:
@@ -78,6 +83,8 @@ class PassReport:
     `gt:` value, or another `client_id`): a sign that upstream changed its filter semantics."""
     requests: int = 0
     realignments: int = 0
+    commits: int = 0
+    """Transactions the pages took: fewer than pages when they arrived faster than stored."""
     retries: dict[str, int] = field(default_factory=dict)
     duration_s: float = 0.0
 
@@ -301,16 +308,17 @@ class SyncEngine:
                 company_id, offset=offset, limit=api.page_size, updated_after=since
             )
 
-        for step in walk_pages(
-            fetch, limit=api.page_size, concurrency=api.concurrency, stats=stats
-        ):
-            parsed = step.page.parsed
-            if server_began is None:
-                server_began = step.page.server_time
-            keys.update(key for key in parsed.keys if key is not None)
-            self._store.write_page(company_id, parsed.rows, parsed.rejected, None, self._clock())
-            if self._stop is not None and self._stop.is_set() and not step.last:
-                raise PassInterrupted(company_id)
+        steps = walk_pages(fetch, limit=api.page_size, concurrency=api.concurrency, stats=stats)
+        with self._store.page_writer(company_id) as writer:
+            for step in steps:
+                parsed = step.page.parsed
+                if server_began is None:
+                    server_began = step.page.server_time
+                keys.update(key for key in parsed.keys if key is not None)
+                writer.write(parsed.rows, parsed.rejected, None, self._clock())
+                _commit_unless_more_ready(writer, step)
+                if self._stop is not None and self._stop.is_set() and not step.last:
+                    raise PassInterrupted(company_id)
         report.scanned += len(keys)
         report.requests += stats.requests
         return keys, server_began
@@ -402,54 +410,55 @@ class SyncEngine:
             stats=stats,
             throttled=lambda: self._retries["429"],
         )
-        for step in steps:
-            page = step.page
-            if checkpoint is None and report.pages == 0 and page.server_time is not None:
-                pass_began = min(pass_began, page.server_time)
-            parsed = page.parsed
-            if parsed.rows:
-                newest = max(row.updated_at for row in parsed.rows)
-                high_water = newest if high_water is None else max(high_water, newest)
-            pages += 1
-            rows += len(parsed.rows)
-            saved = Checkpoint(
-                mode=mode,
-                filter_since=filter_since,
-                next_offset=step.next_offset,
-                anchors=step.anchors,
-                high_water=high_water,
-                started_at=pass_began,
-                pages=pages,
-                rows=rows,
-            )
-            report.upserted += self._store.write_page(
-                company_id, parsed.rows, parsed.rejected, saved, self._clock()
-            )
-            report.pages += 1
-            report.rows_fetched += len(parsed.rows)
-            report.quarantined += len(parsed.rejected)
-            off_filter = _off_filter(parsed.rows, filter_since, api.client_id)
-            if off_filter:
-                report.off_filter += off_filter
-                log.warning(
-                    "rows.off_filter",
-                    company_id=company_id,
-                    count=off_filter,
-                    filter_since=filter_since.isoformat() if filter_since else None,
-                    client_id=api.client_id,
-                    hint="upstream may have changed its filter semantics; the rows were stored",
+        with self._store.page_writer(company_id) as writer:
+            for step in steps:
+                page = step.page
+                if checkpoint is None and report.pages == 0 and page.server_time is not None:
+                    pass_began = min(pass_began, page.server_time)
+                parsed = page.parsed
+                if parsed.rows:
+                    newest = max(row.updated_at for row in parsed.rows)
+                    high_water = newest if high_water is None else max(high_water, newest)
+                pages += 1
+                rows += len(parsed.rows)
+                saved = Checkpoint(
+                    mode=mode,
+                    filter_since=filter_since,
+                    next_offset=step.next_offset,
+                    anchors=step.anchors,
+                    high_water=high_water,
+                    started_at=pass_began,
+                    pages=pages,
+                    rows=rows,
                 )
-            if parsed.rejected:
-                log.warning(
-                    "rows.quarantined",
-                    company_id=company_id,
-                    count=len(parsed.rejected),
-                    first_reason=parsed.rejected[0].reason,
-                )
-            if self._observer is not None:
-                self._observer.page_stored(company_id, pages, rows)
-            if self._stop is not None and self._stop.is_set() and not step.last:
-                raise PassInterrupted(company_id)
+                report.upserted += writer.write(parsed.rows, parsed.rejected, saved, self._clock())
+                _commit_unless_more_ready(writer, step)
+                report.pages += 1
+                report.rows_fetched += len(parsed.rows)
+                report.quarantined += len(parsed.rejected)
+                off_filter = _off_filter(parsed.rows, filter_since, api.client_id)
+                if off_filter:
+                    report.off_filter += off_filter
+                    log.warning(
+                        "rows.off_filter",
+                        company_id=company_id,
+                        count=off_filter,
+                        filter_since=filter_since.isoformat() if filter_since else None,
+                        client_id=api.client_id,
+                        hint="upstream may have changed its filter semantics; the rows were stored",
+                    )
+                if parsed.rejected:
+                    log.warning(
+                        "rows.quarantined",
+                        company_id=company_id,
+                        count=len(parsed.rejected),
+                        first_reason=parsed.rejected[0].reason,
+                    )
+                if self._observer is not None:
+                    self._observer.page_stored(company_id, pages, rows)
+                if self._stop is not None and self._stop.is_set() and not step.last:
+                    raise PassInterrupted(company_id)  # the writer commits what was written
+        report.commits = writer.commits
         report.requests = stats.requests
         report.realignments = stats.realignments
         return high_water, pass_began
@@ -463,6 +472,13 @@ class SyncEngine:
         return self._store.advance_cursor(
             company_id, target, self._clock(), summary=report.as_event()
         )
+
+
+def _commit_unless_more_ready(writer: PageWriter, step: PageStep) -> None:
+    """Group pages into one commit while they keep coming, but never keep a transaction open
+    while upstream is slow to answer, nor for longer than a moment."""
+    if step.last or writer.open_s >= _MAX_TRANSACTION_S or not step.next_ready(_NEXT_PAGE_WAIT_S):
+        writer.commit()
 
 
 def _off_filter(

@@ -16,9 +16,10 @@ the server rate-limited a request (429), growing back by one after a quiet spell
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from time import perf_counter
 
@@ -48,6 +49,8 @@ class PageStep:
     next_offset: int
     anchors: list[RowKey]
     last: bool
+    next_ready: Callable[[float], bool]
+    """Whether the following page arrives within the given seconds (0: has it arrived)."""
 
 
 @dataclass
@@ -71,9 +74,12 @@ def _anchor_position(keys: Sequence[RowKey | None], anchors: set[RowKey]) -> int
     return None
 
 
-def _realignment_budget(aligned_pages: int) -> int:
-    """How many step-backs a walk may make before it gives up (leaving the cursor alone)."""
-    return 10 + aligned_pages // 2
+def _realignment_budget(aligned_pages: int, resumed_from: int, limit: int) -> int:
+    """How many step-backs a walk may make before it gives up (leaving the cursor alone).
+
+    A resumed walk whose anchors all changed may step back all the way to offset 0.
+    """
+    return 10 + aligned_pages // 2 + math.ceil(resumed_from / max(1, limit - 1))
 
 
 class _Alignment:
@@ -111,8 +117,10 @@ class _Alignment:
         position = _anchor_position(page.parsed.keys, self.history)
         if position is None:
             return False
-        if self.prev_end is not None:
-            shift = position - (self.prev_end - offset)
+        if self.last_anchor_at is not None:
+            # The last anchor in the page is the last valid row read, wherever the page that
+            # held it ended (after it, only broken items may have been served).
+            shift = position - (self.last_anchor_at - offset)
             if shift < 0:
                 stats.shifts_absorbed += 1
                 self.overlap = min(self._max_overlap, max(self.overlap, 1 - shift))
@@ -162,10 +170,20 @@ class _Prefetcher:
         self._next_offset = 0
         self._timed = 0
         self.fetch_s: float | None = None
+        self.waited_s = 0.0
+        """Time the consumer spent in `next_ready`: waiting, not storing."""
 
     @property
     def idle(self) -> bool:
         return not self._pending
+
+    def next_ready(self, timeout: float) -> bool:
+        if not self._pending:
+            return False
+        started = perf_counter()
+        done, _ = wait([self._pending[0][1]], timeout=timeout)
+        self.waited_s += perf_counter() - started
+        return bool(done)
 
     @property
     def upcoming(self) -> int:
@@ -296,7 +314,8 @@ def walk_pages(
             window.check_throttling(stats)
             if not alignment.locate(page, offset, stats):
                 stats.realignments += 1
-                if stats.realignments > _realignment_budget(alignment.aligned_pages):
+                budget = _realignment_budget(alignment.aligned_pages, start_offset, limit)
+                if stats.realignments > budget:
                     raise PagingUnstable(
                         "Upstream rows moved between pages faster than paging could realign; "
                         "run again when upstream is quieter (the cursor was not moved)."
@@ -304,7 +323,14 @@ def walk_pages(
                 alignment.widen()
                 prefetcher.restart_at(max(0, offset - (limit - 1)))
                 window.size = 1
-                yield PageStep(page, False, alignment.resume_offset, alignment.anchors, False)
+                yield PageStep(
+                    page,
+                    False,
+                    alignment.resume_offset,
+                    alignment.anchors,
+                    False,
+                    prefetcher.next_ready,
+                )
                 continue
             alignment.accept(page, offset)
             last = page.size < limit
@@ -316,10 +342,12 @@ def walk_pages(
                 if prefetcher.idle or (anchor_at is not None and prefetcher.upcoming > anchor_at):
                     prefetcher.restart_at(alignment.resume_offset)
             stats.window, stats.overlap = window.size, alignment.overlap
-            handed_over = perf_counter()
-            yield PageStep(page, True, alignment.resume_offset, alignment.anchors, last)
+            handed_over = perf_counter() - prefetcher.waited_s
+            yield PageStep(
+                page, True, alignment.resume_offset, alignment.anchors, last, prefetcher.next_ready
+            )
             if last:
                 return
-            window.stored(perf_counter() - handed_over)
+            window.stored(perf_counter() - prefetcher.waited_s - handed_over)
     finally:
         prefetcher.close()

@@ -8,10 +8,11 @@ talks to `MirrorStore` alone and never learns the dialect.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from time import monotonic
 from typing import Any
 
 from sqlalchemy import Connection, case, delete, func, inspect, or_, select, text, update
@@ -29,7 +30,7 @@ from sync.models import (
 )
 from sync.rows import ContactRow, RejectedRow, RowKey
 
-__all__ = ["Checkpoint", "CompanyState", "CompanyStatus", "MirrorStore"]
+__all__ = ["Checkpoint", "CompanyState", "CompanyStatus", "MirrorStore", "PageWriter"]
 
 _CONTACTS = table_of(Contact)
 _STATE = table_of(SyncState)
@@ -75,13 +76,87 @@ class CompanyStatus:
     quarantined: int
 
 
+class PageWriter:
+    """One pass's pages, written into an open transaction that `commit()` ends.
+
+    Committing is most of what a page costs on SQLite (every index page it touched is written
+    out again), so the engine commits a group of pages at once: when the next page has not
+    arrived yet, when the transaction has been open for a while, and at the end. It is never
+    left open while waiting on upstream. Each commit saves the checkpoint of its last page
+    with it, so a killed pass resumes right after what was committed.
+    """
+
+    def __init__(self, store: MirrorStore, company_id: str) -> None:
+        self._store = store
+        self._company_id = company_id
+        self._transaction: ExitStack | None = None
+        self._conn: Connection | None = None
+        self._checkpoint: tuple[Checkpoint, datetime] | None = None
+        self._opened = 0.0
+        self.commits = 0
+
+    @property
+    def open_s(self) -> float:
+        """How long the current transaction has been open; 0 when none is."""
+        return 0.0 if self._transaction is None else monotonic() - self._opened
+
+    def write(
+        self,
+        rows: Sequence[ContactRow],
+        rejected: Sequence[RejectedRow],
+        checkpoint: Checkpoint | None,
+        synced_at: datetime,
+    ) -> int:
+        """Add a page to the open transaction; returns the rows inserted or changed."""
+        synced_at = _utc(synced_at)
+        if self._conn is None:
+            self._transaction = ExitStack()
+            self._conn = self._transaction.enter_context(self._store._backend.write())
+            self._opened = monotonic()
+        if checkpoint is not None:
+            self._checkpoint = (checkpoint, synced_at)
+        try:
+            return self._store._write_rows(self._conn, self._company_id, rows, rejected, synced_at)
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+
+    def commit(self) -> None:
+        """Commit what was written, with the checkpoint of the last page that had one."""
+        transaction, conn, pending = self._transaction, self._conn, self._checkpoint
+        if transaction is None or conn is None:
+            return
+        self._transaction = self._conn = self._checkpoint = None
+        with transaction:
+            if pending is not None:
+                self._store._save_checkpoint(conn, self._company_id, *pending)
+        self.commits += 1
+
+    def rollback(self) -> None:
+        """Drop what was written since the last commit."""
+        self._abort(_RolledBack())
+
+    def _abort(self, exc: BaseException) -> None:
+        """End the open transaction with `exc` thrown into it: it rolls back, and a driver
+        error comes out as the DatabaseError the backend makes of it."""
+        transaction = self._transaction
+        self._transaction = self._conn = self._checkpoint = None
+        if transaction is not None:
+            transaction.__exit__(type(exc), exc, exc.__traceback__)
+
+
+class _RolledBack(Exception):
+    """Thrown into an open transaction to end it with a rollback."""
+
+
 class MirrorStore:
     """The mirror database, as the engine uses it.
 
     - `open(url)`: connect and bring the schema to head; `close()` when done.
     - `company_lock(company)`: hold it for a whole pass; raises CompanyLocked if taken elsewhere.
     - `read_state(company)`: the cursor to filter from; `load_checkpoint(company)` to resume.
-    - `write_page(company, rows, rejected, checkpoint, synced_at)`: one page, one transaction.
+    - `write_page(company, rows, rejected, checkpoint, synced_at)`: one page, one transaction;
+      `page_writer(company)`: a pass's pages, committed in groups.
     - `advance_cursor(...)` after a complete pass, `record_failure(...)` after a failed one.
     - `live_ids`, `mark_deleted`, `undelete`: reconcile; `status`: the status command.
 
@@ -119,15 +194,43 @@ class MirrorStore:
 
         Returns how many rows were inserted or changed; a row older than the stored one is skipped.
         """
-        synced_at = _utc(synced_at)
-        with self._backend.write() as conn:
-            written = 0
-            if rows:
-                written = self._backend.upsert_contacts(conn, company_id, rows, synced_at)
-            if rejected:
-                self._quarantine(conn, company_id, rejected, synced_at)
-            if checkpoint is not None:
-                self._save_checkpoint(conn, company_id, checkpoint, synced_at)
+        with self.page_writer(company_id) as writer:
+            return writer.write(rows, rejected, checkpoint, synced_at)
+
+    @contextmanager
+    def page_writer(self, company_id: str) -> Iterator[PageWriter]:
+        """Pages of one pass, committed in groups; see PageWriter.
+
+        Leaving the block commits what was written, unless a database error or an interrupt
+        (not an upstream failure: pages already fetched are worth keeping) ended it.
+        """
+        writer = PageWriter(self, company_id)
+        try:
+            yield writer
+        except DatabaseError:
+            writer.rollback()
+            raise
+        except Exception:
+            writer.commit()
+            raise
+        except BaseException:
+            writer.rollback()
+            raise
+        writer.commit()
+
+    def _write_rows(
+        self,
+        conn: Connection,
+        company_id: str,
+        rows: Sequence[ContactRow],
+        rejected: Sequence[RejectedRow],
+        synced_at: datetime,
+    ) -> int:
+        written = 0
+        if rows:
+            written = self._backend.upsert_contacts(conn, company_id, rows, synced_at)
+        if rejected:
+            self._quarantine(conn, company_id, rejected, synced_at)
         return written
 
     def _quarantine(

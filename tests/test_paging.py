@@ -6,10 +6,14 @@ scenarios over HTTP against the sandbox.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -173,3 +177,340 @@ class TestResume:
         assert before - live.touched <= _read_all(first) | _read_all(rest)
         assert rest[0].page.offset == resumed_from.next_offset > 0
         assert len(rest) < 31 - 12 + 5  # went on from page 12, with a few realigning pages
+
+
+class InFlight:
+    """Wraps a fetch: optional latency, and how many fetches run at once (at each start, at most).
+
+    `phase` is set by the test's consumer (the number of steps it has received), so that a
+    fetch's concurrency can be attributed to the moment of the walk when it started.
+    """
+
+    def __init__(self, fetch: Callable[[int], Page], delay: float = 0.0) -> None:
+        self._fetch = fetch
+        self._delay = delay
+        self._lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+        self.phase = 0
+        self.starts: list[tuple[int, int]] = []
+        """(phase, fetches running including this one) for every fetch, in start order."""
+
+    def __call__(self, offset: int) -> Page:
+        with self._lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.starts.append((self.phase, self.running))
+        try:
+            if self._delay:
+                time.sleep(self._delay)
+            return self._fetch(offset)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def peak_between(self, first_phase: int, stop_phase: int) -> int:
+        """The most fetches running at the start of one that began in [first, stop) phases."""
+        return max(
+            (running for phase, running in self.starts if first_phase <= phase < stop_phase),
+            default=0,
+        )
+
+
+def _walk(fetch: InFlight, **kwargs: Any) -> tuple[list[PageStep], list[int]]:
+    """Consume a walk at once, moving `fetch.phase` along; the steps and `window` after each."""
+    stats: WalkStats = kwargs.setdefault("stats", WalkStats())
+    steps: list[PageStep] = []
+    windows: list[int] = []
+    for step in walk_pages(fetch, limit=LIMIT, **kwargs):
+        steps.append(step)
+        windows.append(stats.window)
+        fetch.phase = len(steps)
+    return steps, windows
+
+
+class TestPrefetchWindow:
+    @pytest.mark.parametrize("changing", [False, True], ids=["quiet", "changing"])
+    @pytest.mark.parametrize("concurrency", [1, 2, 4, 8])
+    def test_fetches_in_flight_never_exceed_concurrency(
+        self, concurrency: int, changing: bool
+    ) -> None:
+        """At most `concurrency` fetches run at once (1: never overlapping), discards included."""
+        live = LiveList("id", size=1500, deletes=5 if changing else 0)
+        before = set(live.rows)
+        fetch = InFlight(live.fetch, delay=0.005)
+        steps, _ = _walk(fetch, concurrency=concurrency)
+        assert before - live.touched <= _read_all(steps)
+        assert fetch.peak <= concurrency
+        if concurrency == 1:
+            assert fetch.peak == 1
+        elif not changing:
+            assert fetch.peak >= 2  # slow fetches, instant consumer: the bound is what held
+
+    def test_window_grows_when_fetching_is_slower_than_storing(self) -> None:
+        """Slow fetches and an instant consumer: several fetches run at once, the window > 1."""
+        live = LiveList("id", size=1500)
+        fetch = InFlight(live.fetch, delay=0.02)
+        stats = WalkStats()
+        steps, windows = _walk(fetch, concurrency=8, stats=stats)
+        assert _read_all(steps) == set(live.rows)
+        assert fetch.peak > 2
+        assert stats.window > 2
+        assert max(windows) >= 4
+
+    def test_window_stays_small_when_storing_is_slower_than_fetching(self) -> None:
+        """Instant fetches and a slow consumer: the window stays near 1, far below concurrency."""
+        live = LiveList("id", size=1000)
+        fetch = InFlight(live.fetch)
+        stats = WalkStats()
+        windows = []
+        for step in walk_pages(fetch, limit=LIMIT, concurrency=8, stats=stats):
+            windows.append(stats.window)
+            if not step.last:
+                time.sleep(0.02)
+        assert len(windows) == 11
+        assert max(windows) <= 3
+        assert fetch.peak <= 3
+        assert live.requests == stats.requests + stats.discarded <= stats.requests + 2
+
+
+class TestThrottling:
+    def test_429s_shrink_the_window_then_a_quiet_spell_grows_it_back(self) -> None:
+        """429s counted while pages are fetched halve the window; quiet pages raise it again."""
+        live = LiveList("id", size=5000)
+        storm = {99 * page for page in range(14, 22)}  # these pages are rate-limited once each
+        lock = threading.Lock()
+        rate_limited = 0
+
+        def fetch_page(offset: int) -> Page:
+            nonlocal rate_limited
+            if offset in storm:
+                with lock:
+                    rate_limited += 1
+            return live.fetch(offset)
+
+        fetch = InFlight(fetch_page, delay=0.02)
+        stats = WalkStats()
+        steps: list[PageStep] = []
+        windows: list[int] = []
+        throttles: list[int] = []  # stats.throttled after each step
+        walk = walk_pages(
+            fetch, limit=LIMIT, concurrency=8, stats=stats, throttled=lambda: rate_limited
+        )
+        for step in walk:
+            steps.append(step)
+            windows.append(stats.window)
+            throttles.append(stats.throttled)
+            fetch.phase = len(steps)
+        assert _read_all(steps) == set(live.rows)
+        assert rate_limited == len(storm)
+        assert 0 < stats.throttled <= len(storm)
+        first = next(i for i, count in enumerate(throttles) if count)  # first halving
+        last = throttles.index(stats.throttled)  # last halving
+        throttled_window = windows[last]
+        # Before: slow fetches and an instant consumer filled the window.
+        assert max(windows[:first]) >= 4
+        peak_before = fetch.peak_between(0, first)
+        assert peak_before >= 4
+        assert throttled_window <= max(windows[:first]) // 2
+        # Once the fetches prefetched before the last 429 are drained (at most 8 pages),
+        # fewer run at once; the ceiling rises by one per 8 quiet pages at most.
+        assert max(windows[last : last + 8]) == throttled_window
+        peak_after = fetch.peak_between(last + 9, last + 16)
+        assert 0 < peak_after <= throttled_window + 1
+        assert peak_after < peak_before
+        # A long quiet spell lets the window grow back.
+        assert len(windows) > last + 17
+        assert max(windows[last + 16 :]) > throttled_window
+
+    def test_no_throttling_without_429s(self) -> None:
+        """A `throttled` counter that never grows leaves the window to the latency alone."""
+        live = LiveList("id", size=1500)
+        fetch = InFlight(live.fetch, delay=0.02)
+        stats = WalkStats()
+        steps, windows = _walk(fetch, concurrency=8, stats=stats, throttled=lambda: 3)
+        assert _read_all(steps) == set(live.rows)
+        assert stats.throttled == 0
+        assert max(windows) >= 4
+
+
+def _static_list(size: int, broken: set[int]) -> tuple[Callable[[int], Page], set[int]]:
+    """A list that never changes, whose items at `broken` positions cannot be parsed."""
+    items = [
+        {
+            "id": i + 1,
+            "updated_at": "not a time" if i in broken else (BASE + timedelta(i)).isoformat(),
+        }
+        for i in range(size)
+    ]
+
+    def fetch(offset: int) -> Page:
+        window = items[offset : offset + LIMIT]
+        return Page(offset=offset, limit=LIMIT, parsed=parse_items(window), server_time=None)
+
+    return fetch, {i + 1 for i in range(size) if i not in broken}
+
+
+def _valid_ids(steps: list[PageStep]) -> set[int]:
+    return {key[0] for step in steps for key in step.page.parsed.keys if key is not None}
+
+
+# Scattered broken items, a run of 30 (a page ends in it), and one longer than a page.
+BROKEN = (
+    set(random.Random(7).sample(range(2000), 150)) | set(range(400, 430)) | set(range(900, 1050))
+)
+
+
+class TestAnchors:
+    @pytest.mark.parametrize("concurrency", [1, 4])
+    def test_anchors_are_the_pages_last_valid_keys(self, concurrency: int) -> None:
+        """A step's anchors are its page's last valid keys in page order, at most 16 of them."""
+        fetch, valid = _static_list(2000, BROKEN)
+        steps = list(walk_pages(fetch, limit=LIMIT, concurrency=concurrency))
+        assert _valid_ids(steps) == valid
+        assert all(step.aligned for step in steps)
+        for step in steps:
+            keys = [key for key in step.page.parsed.keys if key is not None]
+            assert len(step.anchors) <= 16
+            if step.page.parsed.keys[0] is not None and len(keys) == 1:
+                assert step.anchors == []  # its only row would anchor the next page on itself
+            else:
+                assert step.anchors == keys[-16:]
+        # The list holds every case: a broken tail skipped, fewer than 16 valid keys, none.
+        assert any(s.page.parsed.keys[-1] is None and len(s.anchors) == 16 for s in steps)
+        assert any(0 < len(s.anchors) < 16 for s in steps)
+        assert any(not s.anchors for s in steps)
+
+    @pytest.mark.parametrize("concurrency", [1, 4])
+    def test_resuming_from_any_step_reads_every_remaining_row(self, concurrency: int) -> None:
+        """A walk resumed from any step's `next_offset` and `anchors` reads the rest of the list."""
+        fetch, valid = _static_list(2000, BROKEN)
+        steps = list(walk_pages(fetch, limit=LIMIT))
+        for done, step in enumerate(steps[:-1], start=1):
+            rest = list(
+                walk_pages(
+                    fetch,
+                    limit=LIMIT,
+                    concurrency=concurrency,
+                    start_offset=step.next_offset,
+                    anchors=step.anchors,
+                )
+            )
+            assert _valid_ids(steps[:done]) | _valid_ids(rest) == valid
+            assert rest[0].page.offset == step.next_offset
+            assert all(s.aligned for s in rest)  # nothing moved: it found its place at once
+            assert min(s.page.offset for s in rest) == step.next_offset  # never went back
+
+    @pytest.mark.parametrize("concurrency", [1, 4])
+    def test_resume_finds_its_place_when_its_last_anchors_changed(self, concurrency: int) -> None:
+        """With 15 of the 16 anchor rows updated meanwhile, the one left still places the walk."""
+        live = LiveList("id")
+        first = []
+        for step in walk_pages(live.fetch, limit=LIMIT):
+            first.append(step)
+            if len(first) == 20:
+                break
+        checkpoint = first[-1]
+        assert len(checkpoint.anchors) == 16
+        for contact_id, _ in checkpoint.anchors[1:]:
+            live.rows[contact_id] += timedelta(seconds=1)
+            live.touched.add(contact_id)
+        stats = WalkStats()
+        rest = list(
+            walk_pages(
+                live.fetch,
+                limit=LIMIT,
+                concurrency=concurrency,
+                start_offset=checkpoint.next_offset,
+                anchors=checkpoint.anchors,
+                stats=stats,
+            )
+        )
+        assert set(live.rows) == _read_all(first) | _read_all(rest)
+        assert stats.realignments == 1  # one step back reaches the unchanged anchor
+
+    def test_a_page_ending_in_broken_items_is_no_shift(self) -> None:
+        """On a list that never moves, a broken tail widens no overlap and costs no request."""
+        fetch, valid = _static_list(1000, set(range(90, 100)))  # page 1 ends in 10 broken items
+        stats = WalkStats()
+        steps = list(walk_pages(fetch, limit=LIMIT, stats=stats))
+        assert _valid_ids(steps) == valid
+        assert stats.shifts_absorbed == 0
+        assert stats.overlap == 1
+        assert [step.page.offset for step in steps][:3] == [0, 89, 188]
+
+    @pytest.mark.parametrize("concurrency", [1, 4])
+    def test_resume_steps_back_to_the_start_when_every_anchor_changed(
+        self, concurrency: int
+    ) -> None:
+        """A checkpoint far into the list whose 16 anchor rows all changed still resumes."""
+        live = LiveList("id")
+        first: list[PageStep] = []
+        for step in walk_pages(live.fetch, limit=LIMIT):
+            first.append(step)
+            if len(first) == 20:
+                break
+        checkpoint = first[-1]
+        for contact_id, _ in checkpoint.anchors:  # a bulk edit of 16 neighbouring contacts
+            live.rows[contact_id] += timedelta(seconds=1)
+            live.touched.add(contact_id)
+        rest = list(
+            walk_pages(
+                live.fetch,
+                limit=LIMIT,
+                concurrency=concurrency,
+                start_offset=checkpoint.next_offset,
+                anchors=checkpoint.anchors,
+            )
+        )
+        assert set(live.rows) - live.touched <= _read_all(first) | _read_all(rest)
+
+
+class BurstList(LiveList):
+    """A LiveList that, when asked, deletes its first `burst` rows before serving a page."""
+
+    burst = 0
+
+    def mutate(self) -> None:
+        super().mutate()
+        if self.burst:
+            for contact_id, _ in self.ordered()[: self.burst]:
+                del self.rows[contact_id]
+                self.touched.add(contact_id)
+            self.burst = 0
+
+
+class TestMisalignedPrefetch:
+    @pytest.mark.parametrize("concurrency", [4, 8])
+    def test_misaligned_page_discards_the_prefetched_ones(self, concurrency: int) -> None:
+        """A shift past the overlap discards running prefetches; the walk steps back, loses none."""
+        live = BurstList("id", size=2000)
+        before = set(live.rows)
+        fetch = InFlight(live.fetch, delay=0.005)
+        stats = WalkStats()
+        steps = []
+        for step in walk_pages(fetch, limit=LIMIT, concurrency=concurrency, stats=stats):
+            steps.append(step)
+            if len(steps) == 6:
+                live.burst = 150  # rows move back by a page and a half under the walk
+        assert before - live.touched <= _read_all(steps)
+        assert stats.realignments >= 1
+        assert stats.discarded >= 1
+        # Every fetch started was either handed over or counted as discarded.
+        assert live.requests == stats.requests + stats.discarded
+        assert fetch.peak <= concurrency
+        for step, after in itertools.pairwise(steps):
+            if not step.aligned:  # the prefetched pages past it never reach the consumer
+                assert after.page.offset == max(0, step.page.offset - (LIMIT - 1))
+
+    @pytest.mark.parametrize("concurrency", [4, 8])
+    @pytest.mark.parametrize("order", ORDERS)
+    def test_survives_heavy_deletion_with_prefetching(self, order: str, concurrency: int) -> None:
+        """Twenty deletions per request and discarded prefetches never cost an untouched row."""
+        live = LiveList(order, size=2000, deletes=20)
+        before = set(live.rows)
+        stats = WalkStats()
+        steps = list(walk_pages(live.fetch, limit=LIMIT, concurrency=concurrency, stats=stats))
+        assert before - live.touched <= _read_all(steps)
+        assert stats.realignments + stats.shifts_absorbed > 0
+        assert live.requests == stats.requests + stats.discarded

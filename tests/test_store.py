@@ -455,6 +455,80 @@ class TestCheckpoint:
         assert store.load_checkpoint("7") is not None
 
 
+class TestPageWriter:
+    def test_pages_become_visible_together_at_commit(self, store: MirrorStore, raw: Engine) -> None:
+        """Grouped pages are one transaction: nothing shows before commit, all of it after."""
+        with store.page_writer("42") as writer:
+            writer.write([_row(1), _row(2)], [], _checkpoint(next_offset=100, pages=1), T0)
+            writer.write([_row(3)], [], _checkpoint(next_offset=199, pages=2), T0)
+            assert writer.open_s > 0
+            assert _contacts(raw) == {}
+            assert store.load_checkpoint("42") is None
+            writer.commit()
+            assert writer.open_s == 0
+            assert set(_contacts(raw)) == {1, 2, 3}
+            saved = store.load_checkpoint("42")
+            assert saved is not None
+            assert (saved.next_offset, saved.pages) == (199, 2)  # the group's last page
+
+    def test_an_upstream_failure_keeps_what_was_written(self, store: MirrorStore) -> None:
+        """Pages fetched before upstream failed are committed with their checkpoint."""
+        with pytest.raises(RuntimeError):
+            _write_group_then(store, RuntimeError("upstream gave up"))
+        assert store.live_ids("42") == {1, 2}
+        saved = store.load_checkpoint("42")
+        assert saved is not None
+        assert saved.next_offset == 199
+
+    @pytest.mark.parametrize("error", [DatabaseError("lost"), KeyboardInterrupt()])
+    def test_a_database_error_or_an_interrupt_rolls_back(
+        self, store: MirrorStore, error: BaseException
+    ) -> None:
+        """A group that cannot be trusted to be whole is dropped, checkpoint and all."""
+        with pytest.raises(type(error)):
+            _write_group_then(store, error)
+        assert store.live_ids("42") == {1}
+        saved = store.load_checkpoint("42")
+        assert saved is not None
+        assert saved.next_offset == 100
+
+    def test_a_failing_statement_drops_the_open_group_only(
+        self, store: MirrorStore, raw: Engine
+    ) -> None:
+        """A driver error comes out as DatabaseError; earlier commits stay, the group goes."""
+        _install_failing_trigger(raw, "contacts", "NEW.id = 50")
+        with pytest.raises(DatabaseError, match="forced failure"):
+            _write_group_then(store, None, [_row(50)])
+        assert set(_contacts(raw)) == {1}
+        saved = store.load_checkpoint("42")
+        assert saved is not None
+        assert saved.next_offset == 100
+
+    def test_a_page_larger_than_one_statement_is_stored_whole(
+        self, store: MirrorStore, raw: Engine
+    ) -> None:
+        """More rows than one statement carries (page sizes are not ours to choose) all land."""
+        rows = [_row(i, email=f"{i}@example.com") for i in range(1, 251)]
+        assert store.write_page("42", rows, [], None, T0) == 250
+        stored = _contacts(raw)
+        assert len(stored) == 250
+        assert stored[250].email == "250@example.com"
+
+
+def _write_group_then(
+    store: MirrorStore, error: BaseException | None, last: list[ContactRow] | None = None
+) -> None:
+    """Commit page 1, write page 2 (and `last`) into an open group, then raise `error`."""
+    with store.page_writer("42") as writer:
+        writer.write([_row(1)], [], _checkpoint(next_offset=100), T0)
+        writer.commit()
+        writer.write([_row(2)], [], _checkpoint(next_offset=199), T0)
+        if last is not None:
+            writer.write(last, [], _checkpoint(next_offset=298), T0)
+        if error is not None:
+            raise error
+
+
 _HOLDER = """
 import sys, time
 from sync.errors import CompanyLocked
