@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import orjson
@@ -43,8 +44,18 @@ class Page:
     offset: int
     limit: int
     parsed: ParsedPage
-    server_time: datetime | None
-    """The response's Date header: the upstream clock, used to bound the cursor."""
+    date: str | None = None
+    """The response's Date header, parsed only when asked for (`server_time`)."""
+
+    @property
+    def server_time(self) -> datetime | None:
+        """The upstream clock when it answered, used to bound the cursor."""
+        if not self.date:
+            return None
+        try:
+            return parsedate_to_datetime(self.date).astimezone(UTC)
+        except (TypeError, ValueError):
+            return None
 
     @property
     def size(self) -> int:
@@ -82,6 +93,9 @@ class ContactsClient:
             transport=transport,
             limits=httpx.Limits(max_connections=max(4, settings.concurrency * 2)),
         )
+        # Every request goes to one URL with a fresh query: given as one string, httpx parses
+        # it once instead of three times (base join, params merge), a third of building it.
+        self._contacts_url = str(self._http.base_url).rstrip("/") + CONTACTS_PATH
 
     def __enter__(self) -> ContactsClient:
         return self
@@ -108,13 +122,14 @@ class ContactsClient:
         self, params: dict[str, str | int], headers: dict[str, str], offset: int, limit: int
     ) -> Page:
         try:
-            with self._http.stream("GET", CONTACTS_PATH, params=params, headers=headers) as resp:
+            url = f"{self._contacts_url}?{urlencode(params)}"
+            with self._http.stream("GET", url, headers=headers) as resp:
                 if resp.status_code != 200:
                     resp.read()
                     raise _non_200_error(resp)
                 body = _read_capped(resp)
                 items = _decode_items(resp, body)
-                server_time = _server_time(resp)
+                date = resp.headers.get("date")
         except httpx.TimeoutException:
             raise TransportFailure(
                 f"The API did not answer within {self._settings.timeout_s:g} s; "
@@ -127,7 +142,7 @@ class ContactsClient:
             ) from None
         careful = _UNSTORABLE_ESCAPE.search(body) is not None
         parsed = parse_items(items, careful=careful)
-        return Page(offset=offset, limit=limit, parsed=parsed, server_time=server_time)
+        return Page(offset=offset, limit=limit, parsed=parsed, date=date)
 
 
 def _finite(value: Any) -> Any:
@@ -216,13 +231,3 @@ def _loads(body: bytes) -> Any:
         except orjson.JSONDecodeError:
             pass
     return _finite(json.loads(body))
-
-
-def _server_time(response: httpx.Response) -> datetime | None:
-    value = response.headers.get("date")
-    if not value:
-        return None
-    try:
-        return parsedate_to_datetime(value).astimezone(UTC)
-    except (TypeError, ValueError):
-        return None

@@ -179,14 +179,23 @@ class Backend(ABC):
 
 _PLAIN_FIELDS = attrgetter("id", "client_id", *TEXT_FIELDS)
 """The row's values in the column order both upserts list first."""
-_SQLITE_COLUMNS = 15
+_SQLITE_ROW_PARAMETERS = 13
+"""Per row: id, client_id, eight texts, created_at, updated_at, extra; ?1 and ?2 are shared."""
 
 
 @functools.lru_cache(maxsize=8)
 def _sqlite_upsert(rows: int) -> str:
-    """The SQLite upsert for `rows` rows; a pass uses two or three sizes at most."""
-    row = "(" + ", ".join("?" * _SQLITE_COLUMNS) + ")"
-    return _SQLiteBackend._UPSERT.format(values=", ".join([row] * rows))
+    """The SQLite upsert for `rows` rows; a pass uses two or three sizes at most.
+
+    ?1 is the company and ?2 the sync time, bound once for the whole statement.
+    """
+    per_row = _SQLITE_ROW_PARAMETERS
+    values = []
+    for row in range(rows):
+        first = 3 + row * per_row
+        own = [f"?{first + i}" for i in range(per_row)]
+        values.append(f"({', '.join(own[:12])}, ?2, {own[12]}, ?1)")
+    return _SQLiteBackend._UPSERT.format(values=", ".join(values))
 
 
 class _SQLiteBackend(Backend):
@@ -212,7 +221,7 @@ class _SQLiteBackend(Backend):
         WHERE contacts.updated_at <= excluded.updated_at
     """
     _ROWS_PER_STATEMENT = 100
-    """15 parameters a row: far below SQLite's limit of 32,766 per statement."""
+    """13 parameters a row: far below SQLite's limit of 32,766 per statement."""
 
     def _create_engine(self) -> Engine:
         path = self.url.database
@@ -256,17 +265,15 @@ class _SQLiteBackend(Backend):
                 (
                     None if row.created_at is None else sqlite_timestamp(row.created_at),
                     sqlite_timestamp(row.updated_at),
-                    synced,
                     None if row.extra is None else dumps(row.extra),
-                    company_id,
                 )
             )
         written = 0
-        step = self._ROWS_PER_STATEMENT * _SQLITE_COLUMNS
+        step = self._ROWS_PER_STATEMENT * _SQLITE_ROW_PARAMETERS
         for start in range(0, len(values), step):
             chunk = values[start : start + step]
-            statement = _sqlite_upsert(len(chunk) // _SQLITE_COLUMNS)
-            written += conn.exec_driver_sql(statement, tuple(chunk)).rowcount
+            statement = _sqlite_upsert(len(chunk) // _SQLITE_ROW_PARAMETERS)
+            written += conn.exec_driver_sql(statement, (company_id, synced, *chunk)).rowcount
         return written
 
     @contextmanager

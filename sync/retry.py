@@ -44,6 +44,23 @@ class RetryPolicy:
 
     def call(self, operation: Callable[[], T]) -> T:
         """Run `operation`, retrying transient failures; when they run out, UpstreamUnavailable."""
+        started = time.monotonic()
+        try:
+            return operation()  # nearly every request: no retry machinery to set up
+        except TransientUpstreamError as first:
+            return self._retry(operation, first, started)
+
+    def _retry(
+        self, operation: Callable[[], T], first: TransientUpstreamError, started: float
+    ) -> T:
+        """Go on after a first failure, which counts as attempt 1 of the budget."""
+        failures = [first]
+
+        def attempt() -> T:
+            if failures:
+                raise failures.pop()
+            return operation()
+
         backoff = wait_exponential_jitter(
             multiplier=self.initial_backoff_s, max=self.max_backoff_s, jitter=self.initial_backoff_s
         )
@@ -60,17 +77,18 @@ class RetryPolicy:
                 delay = state.next_action.sleep if state.next_action else 0.0
                 self.on_retry(error, delay)
 
+        spent = time.monotonic() - started
         retrying = Retrying(
             retry=retry_if_exception_type(TransientUpstreamError),
-            stop=stop_after_attempt(self.max_attempts) | stop_before_delay(self.max_elapsed_s),
+            stop=stop_after_attempt(self.max_attempts)
+            | stop_before_delay(max(0.0, self.max_elapsed_s - spent)),
             wait=wait,
             before_sleep=before_sleep,
             sleep=self.sleep,
             reraise=True,
         )
-        started = time.monotonic()
         try:
-            return retrying(operation)
+            return retrying(attempt)
         except TransientUpstreamError as exc:
             attempts = retrying.statistics.get("attempt_number", 1)
             elapsed = time.monotonic() - started

@@ -80,7 +80,7 @@ class LiveList:
             self.mutate()
             window = self.ordered()[offset : offset + LIMIT]
         items = [{"id": i, "updated_at": t.isoformat()} for i, t in window]
-        return Page(offset=offset, limit=LIMIT, parsed=parse_items(items), server_time=None)
+        return Page(offset=offset, limit=LIMIT, parsed=parse_items(items))
 
 
 def _read_all(steps: list[PageStep]) -> set[int]:
@@ -346,7 +346,7 @@ def _static_list(size: int, broken: set[int]) -> tuple[Callable[[int], Page], se
 
     def fetch(offset: int) -> Page:
         window = items[offset : offset + LIMIT]
-        return Page(offset=offset, limit=LIMIT, parsed=parse_items(window), server_time=None)
+        return Page(offset=offset, limit=LIMIT, parsed=parse_items(window))
 
     return fetch, {i + 1 for i in range(size) if i not in broken}
 
