@@ -8,10 +8,11 @@ the walk steps back a page and looks again; the overlap widens after a shift and
 while nothing moves, so a quiet list costs one row per page. Pages are prefetched concurrently
 at predicted offsets; a misaligned page discards the prefetched ones.
 
-How many are in flight adapts: the window doubles per full page (slow start) up to what the
-latency needs to keep storing busy (fetch time over store time), so a fast server is not
-flooded with fetches that only fight the storing thread for the GIL, and it halves whenever
-the server rate-limited a request (429), growing back by one after a quiet spell.
+How many are in flight while a page is stored adapts: the window doubles per full page (slow
+start) up to what the latency needs to keep storing busy (fetch time over store time), so a
+fast server is not flooded with fetches that only fight the storing thread for the GIL, and it
+halves whenever the server rate-limited a request (429), growing back by one after a quiet
+spell. It never exceeds `concurrency`.
 """
 
 from __future__ import annotations
@@ -209,16 +210,24 @@ class _Prefetcher:
         self._next_offset = offset
 
     def take(self, window: int, step: int) -> tuple[int, Page]:
-        """The next page in order, with up to `window` fetches (it included) in flight."""
-        while len(self._pending) < window:
-            self._pending.append((self._next_offset, self._submit(self._next_offset)))
-            self._next_offset += step
+        """The next page in order; `window` more fetches are in flight while it is stored.
+
+        Without a pool (concurrency 1) nothing is fetched ahead: each fetch runs here.
+        """
+        if not self._pending:
+            self._fetch_next(step)
         offset, future = self._pending.popleft()
+        while self._pool is not None and len(self._pending) < window:
+            self._fetch_next(step)
         page, seconds = future.result()
         self._timed += 1
         if self._timed > 1:
             self.fetch_s = _average(self.fetch_s, seconds)
         return offset, page
+
+    def _fetch_next(self, step: int) -> None:
+        self._pending.append((self._next_offset, self._submit(self._next_offset)))
+        self._next_offset += step
 
     def _timed_fetch(self, offset: int) -> tuple[Page, float]:
         started = perf_counter()
@@ -254,14 +263,15 @@ def _average(average: float | None, sample: float) -> float:
 class _Window:
     """How many fetches to keep in flight: enough to hide their latency, fewer when throttled.
 
-    `size - 1` fetches run while the consumer stores a page; keeping it busy takes about fetch
+    `size` fetches run while the consumer stores a page; keeping it busy takes about fetch
     time / store time of them, and no more: at the end of the list every one of them is a
     request spent past the last page. `ceiling` is `concurrency`, halved by every 429 seen and
     raised by one again after each quiet spell.
     """
 
     def __init__(self, concurrency: int, throttled: Callable[[], int] | None) -> None:
-        self.size = 1
+        self.size = 0
+        """Nothing ahead until a first full page shows that requests work."""
         self._concurrency = concurrency
         self._ceiling = concurrency
         self._throttled = throttled
@@ -279,7 +289,7 @@ class _Window:
         seen = self._throttled()
         if seen > self._throttles_seen:
             self._throttles_seen = seen
-            self._ceiling = max(1, min(self._ceiling, self.size) // 2)
+            self._ceiling = min(self._ceiling, self.size) // 2  # 0: one request at a time
             self.size = min(self.size, self._ceiling)
             self._quiet = 0
             stats.throttled += 1
@@ -292,10 +302,9 @@ class _Window:
     def grow(self, fetch_s: float | None) -> None:
         """After a full aligned page: double (slow start), up to what the latency needs."""
         target = self._ceiling
-        if fetch_s is not None and self.store_s is not None and self._ceiling > 2:
-            needed = 1 + math.ceil(fetch_s / max(self.store_s, 1e-4))
-            target = max(2, min(self._ceiling, needed))
-        self.size = min(target, self.size * 2)
+        if fetch_s is not None and self.store_s is not None:
+            target = min(target, max(1, math.ceil(fetch_s / max(self.store_s, 1e-4))))
+        self.size = min(target, max(1, self.size * 2))
 
 
 def walk_pages(
@@ -336,7 +345,7 @@ def walk_pages(
                     )
                 alignment.widen()
                 prefetcher.restart_at(max(0, offset - (limit - 1)))
-                window.size = 1
+                window.size = 0
                 yield PageStep(
                     page,
                     False,

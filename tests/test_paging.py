@@ -314,10 +314,11 @@ class TestThrottling:
         assert peak_before >= 4
         assert throttled_window <= max(windows[:first]) // 2
         # Once the fetches prefetched before the last 429 are drained (at most 8 pages),
-        # fewer run at once; the ceiling rises by one per 8 quiet pages at most.
+        # fewer run at once: the window, plus the page being handed over that may still be
+        # arriving, plus one as the ceiling rises by one per 8 quiet pages at most.
         assert max(windows[last : last + 8]) == throttled_window
         peak_after = fetch.peak_between(last + 9, last + 16)
-        assert 0 < peak_after <= throttled_window + 1
+        assert 0 < peak_after <= throttled_window + 2
         assert peak_after < peak_before
         # A long quiet spell lets the window grow back.
         assert len(windows) > last + 17
