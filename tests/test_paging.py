@@ -20,7 +20,7 @@ import pytest
 from sync.api import Page
 from sync.errors import PagingUnstable
 from sync.paging import PageStep, WalkStats, walk_pages
-from sync.rows import parse_items
+from sync.rows import RowKey, parse_items
 
 LIMIT = 100
 BASE = datetime(2025, 1, 1, tzinfo=UTC)
@@ -362,6 +362,29 @@ BROKEN = (
 )
 
 
+def _edit(live: LiveList, keys: list[RowKey]) -> None:
+    """Update these rows upstream, as an edit between a kill and the resumed walk would."""
+    for contact_id, _ in keys:
+        live.rows[contact_id] += timedelta(seconds=1)
+        live.touched.add(contact_id)
+
+
+def _resume(
+    live: LiveList, checkpoint: PageStep, concurrency: int, stats: WalkStats
+) -> list[PageStep]:
+    """The rest of a walk resumed from a step, as from a stored checkpoint."""
+    return list(
+        walk_pages(
+            live.fetch,
+            limit=LIMIT,
+            concurrency=concurrency,
+            start_offset=checkpoint.next_offset,
+            anchors=checkpoint.anchors,
+            stats=stats,
+        )
+    )
+
+
 class TestAnchors:
     @pytest.mark.parametrize("concurrency", [1, 4])
     def test_anchors_are_the_pages_last_valid_keys(self, concurrency: int) -> None:
@@ -406,27 +429,12 @@ class TestAnchors:
     def test_resume_finds_its_place_when_its_last_anchors_changed(self, concurrency: int) -> None:
         """With 15 of the 16 anchor rows updated meanwhile, the one left still places the walk."""
         live = LiveList("id")
-        first = []
-        for step in walk_pages(live.fetch, limit=LIMIT):
-            first.append(step)
-            if len(first) == 20:
-                break
+        first = list(itertools.islice(walk_pages(live.fetch, limit=LIMIT), 20))
         checkpoint = first[-1]
         assert len(checkpoint.anchors) == 16
-        for contact_id, _ in checkpoint.anchors[1:]:
-            live.rows[contact_id] += timedelta(seconds=1)
-            live.touched.add(contact_id)
+        _edit(live, checkpoint.anchors[1:])
         stats = WalkStats()
-        rest = list(
-            walk_pages(
-                live.fetch,
-                limit=LIMIT,
-                concurrency=concurrency,
-                start_offset=checkpoint.next_offset,
-                anchors=checkpoint.anchors,
-                stats=stats,
-            )
-        )
+        rest = _resume(live, checkpoint, concurrency, stats)
         assert set(live.rows) == _read_all(first) | _read_all(rest)
         assert stats.realignments == 1  # one step back reaches the unchanged anchor
 
@@ -446,24 +454,10 @@ class TestAnchors:
     ) -> None:
         """A checkpoint far into the list whose 16 anchor rows all changed still resumes."""
         live = LiveList("id")
-        first: list[PageStep] = []
-        for step in walk_pages(live.fetch, limit=LIMIT):
-            first.append(step)
-            if len(first) == 20:
-                break
+        first = list(itertools.islice(walk_pages(live.fetch, limit=LIMIT), 20))
         checkpoint = first[-1]
-        for contact_id, _ in checkpoint.anchors:  # a bulk edit of 16 neighbouring contacts
-            live.rows[contact_id] += timedelta(seconds=1)
-            live.touched.add(contact_id)
-        rest = list(
-            walk_pages(
-                live.fetch,
-                limit=LIMIT,
-                concurrency=concurrency,
-                start_offset=checkpoint.next_offset,
-                anchors=checkpoint.anchors,
-            )
-        )
+        _edit(live, checkpoint.anchors)  # a bulk edit of 16 neighbouring contacts
+        rest = _resume(live, checkpoint, concurrency, WalkStats())
         assert set(live.rows) - live.touched <= _read_all(first) | _read_all(rest)
 
 
