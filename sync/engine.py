@@ -390,7 +390,7 @@ class SyncEngine:
         checkpoint: Checkpoint | None,
         report: PassReport,
     ) -> tuple[datetime | None, datetime]:
-        """Page through the list, storing each page with the checkpoint that resumes after it."""
+        """Page through the list; each commit saves the checkpoint that resumes after it."""
         api = self._settings.api
         pass_began = checkpoint.started_at if checkpoint else self._clock()
         high_water = checkpoint.high_water if checkpoint else None

@@ -35,7 +35,7 @@ __all__ = ["PageStep", "WalkStats", "walk_pages"]
 _QUIET_PAGES_BEFORE_NARROWING = 5
 _RESUME_ANCHORS = 16
 """Keys a checkpoint keeps: the page's last rows, where a resumed walk overlaps it. More only
-cost time on every page (they are saved with it); if all of them changed meanwhile, the
+cost time on every commit (they are saved with it); if all of them changed meanwhile, the
 resumed walk steps back until it finds its place, as after any shift it cannot absorb."""
 _QUIET_PAGES_BEFORE_SPEEDING_UP = 8
 """Pages without a 429 before a throttled walk allows one more fetch in flight."""

@@ -66,8 +66,8 @@ class Daemon:
     """Runs an incremental pass per company every `sync.interval` until stopped.
 
     The first signal cuts off in-flight requests and ends the running pass at once (nothing
-    half-done is committed: each page is one transaction and the cursor moves only after a
-    complete pass); the daemon then exits 0. A second signal kills at once.
+    half-done is committed: pages commit whole, with their checkpoint, and the cursor moves
+    only after a complete pass); the daemon then exits 0. A second signal kills at once.
     """
 
     def __init__(

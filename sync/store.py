@@ -43,7 +43,7 @@ _ID_BATCH = 500
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Where an unfinished pass stands; saved with each page so a killed pass resumes."""
+    """Where an unfinished pass stands; saved with each commit so a killed pass resumes."""
 
     mode: str
     filter_since: datetime | None
