@@ -205,7 +205,7 @@ class _SQLiteBackend(Backend):
 
     # A page is one statement with a VALUES row per contact, not executemany: the sqlite3
     # module releases the GIL around every statement step, and re-taking it once per row from
-    # the threads parsing the next pages made storing ten times slower. One step per page.
+    # the threads parsing the next pages made storing several times slower. One step a page.
     _UPSERT = """
         INSERT INTO contacts (
             id, client_id, email, name, surname, role, notes, linkedin, description, telephone,
