@@ -287,13 +287,13 @@ class TestScaleOut:
             held = _mid_pass(victim)
             for company in companies:
                 srv.data.update(company, count=5)
+            changed_at = time.time()
 
             def survivors_cover_all() -> bool:
+                # A pass that began after the last change (not one resumed from the killed
+                # replica's checkpoint, which began before it) makes the mirror exact.
                 done = {
-                    e["company_id"]
-                    for d in daemons[1:]
-                    for e in d.events("pass.finished")
-                    if _when(e) > killed_at
+                    company for d in daemons[1:] for company in _passes_begun_after(d, changed_at)
                 }
                 return done == set(companies)
 
@@ -311,6 +311,19 @@ class TestScaleOut:
 
 def _when(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+def _passes_begun_after(daemon: DaemonProcess, moment: float) -> set[str]:
+    """Companies for which this replica completed a pass that started after `moment`."""
+    started: dict[str, float] = {}
+    done: set[str] = set()
+    for event in daemon.events():
+        name, company = event.get("event"), event.get("company_id")
+        if name == "pass.started" and not event.get("resumed"):
+            started[company] = _when(event)
+        elif name == "pass.finished" and started.get(company, 0.0) > moment:
+            done.add(company)
+    return done
 
 
 def _mid_pass(daemon: DaemonProcess) -> set[str]:
