@@ -8,16 +8,18 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from conftest import make_settings, mirror_rows, stored_pages, upstream_rows, wait_until
 
+from sync.api import ContactsClient
 from sync.config import Settings
 from sync.engine import PassReport, SyncEngine
 from sync.errors import AuthError, RequestRejected, UpstreamUnavailable
-from sync.sandbox import SandboxConfig, SandboxServer
+from sync.retry import RetryPolicy
+from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxServer
 from sync.sandbox_data import SandboxData
 from sync.store import MirrorStore
 
@@ -68,6 +70,28 @@ class TestFullLoad:
         cursor = cursor_of(settings)
         assert isinstance(cursor, type(report_time := cursor))
         assert report_time.isoformat(timespec="milliseconds") == newest  # type: ignore[attr-defined]
+
+
+class TestCursorBound:
+    @pytest.mark.parametrize("concurrency", CONCURRENCY)
+    def test_the_server_clock_bounds_the_cursor_when_ours_runs_ahead(
+        self, sandbox: SandboxServer, db_url: str, concurrency: int
+    ) -> None:
+        """A row stamped in upstream's future cannot carry the cursor past upstream's Date."""
+        sandbox.data.insert("1", updated_at=datetime.now(UTC) + timedelta(days=1))
+        settings = make_settings(sandbox, db_url, api={"concurrency": concurrency})
+        store = MirrorStore.open(db_url)
+        client = ContactsClient(settings.api, DEFAULT_TOKEN, RetryPolicy(3, 10))
+        ahead = SyncEngine(
+            settings, client, store, clock=lambda: datetime.now(UTC) + timedelta(days=2)
+        )
+        try:
+            report = ahead.sync_company("1")
+        finally:
+            ahead.close()
+            store.close()
+        assert report.cursor_after is not None
+        assert report.cursor_after <= datetime.now(UTC)
 
 
 class TestIncremental:
