@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Table, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -23,6 +26,7 @@ __all__ = [
     "UTCDateTime",
     "metadata",
     "sqlite_timestamp",
+    "sqlite_timestamps",
     "table_of",
 ]
 
@@ -51,6 +55,25 @@ def sqlite_timestamp(value: datetime) -> str:
         value.second,
         value.microsecond,
     )
+
+
+def sqlite_timestamps(values: Sequence[datetime | None]) -> list[str | None]:
+    """`sqlite_timestamp` of each (None stays None), a page's column at a time.
+
+    orjson writes UTC datetimes in C, `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`, and a few replacements
+    over the whole column make that the SQLite text: several times faster than formatting
+    them one by one, which was a fifth of the Python time of storing a page.
+    """
+    if not {value.tzinfo for value in values if value is not None} <= {UTC}:
+        return [None if value is None else sqlite_timestamp(value) for value in values]
+    written = _WHOLE_SECONDS.sub(b".000000", orjson.dumps(values, option=orjson.OPT_UTC_Z))
+    texts: list[str | None] = orjson.loads(written.replace(b"T", b" ").replace(b"Z", b""))
+    return texts
+
+
+_WHOLE_SECONDS = re.compile(rb"Z(?<=:\d\dZ)")
+"""orjson leaves out a zero fraction: `...:SSZ` is whole seconds. (Z first: the regex engine
+then jumps from Z to Z; with the lookbehind first it tries every position.)"""
 
 
 def _as_utc(value: datetime) -> datetime:

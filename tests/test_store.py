@@ -16,10 +16,19 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine, inspect, make_url, select, text
 
 from sync.errors import CompanyLocked, DatabaseError
-from sync.models import VERSION_TABLE, Contact, metadata, table_of
+from sync.models import (
+    VERSION_TABLE,
+    Contact,
+    metadata,
+    sqlite_timestamp,
+    sqlite_timestamps,
+    table_of,
+)
 from sync.rows import TEXT_FIELDS, ContactRow, RejectedRow
 from sync.store import Checkpoint, MirrorStore
 
@@ -514,6 +523,40 @@ class TestPageWriter:
         assert len(stored) == 250
         assert stored[250].email == "250@example.com"
 
+    def test_every_field_of_every_row_lands_in_its_own_place(
+        self, store: MirrorStore, raw: Engine
+    ) -> None:
+        """A page is bound column by column: each row reads back with its own values, times in
+        any zone or precision (whole seconds, microseconds) as the same UTC instant."""
+        zones = [UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-9, minutes=-30))]
+        rows = [
+            _row(
+                i,
+                (T0 + timedelta(days=i, microseconds=i * 7919 if i % 4 else 0)).astimezone(
+                    zones[i % 3]
+                ),
+                created_at=None if i % 5 == 0 else datetime(2000 + i, 1, 2, 3, 4, 5, tzinfo=UTC),
+                client_id=None if i % 7 == 0 else 1000 + i,
+                extra=None if i % 3 else {"n": i},
+                **{field: f"{field}-{i}" for field in TEXT_FIELDS},
+            )
+            for i in range(1, 61)
+        ]
+        assert store.write_page("42", rows, [], None, T0) == 60
+        stored = _contacts(raw)
+        for row in rows:
+            got = stored[row.id]
+            assert got.updated_at == row.updated_at
+            assert got.created_at == row.created_at
+            assert (got.client_id, got.extra) == (row.client_id, row.extra)
+            assert {field: getattr(got, field) for field in TEXT_FIELDS} == {
+                field: getattr(row, field) for field in TEXT_FIELDS
+            }
+        if store.dialect == "sqlite":
+            with raw.connect() as conn:
+                texts = dict(conn.execute(text("SELECT id, updated_at FROM contacts")).all())
+            assert texts == {row.id: sqlite_timestamp(row.updated_at) for row in rows}
+
 
 def _write_group_then(
     store: MirrorStore, error: BaseException | None, last: list[ContactRow] | None = None
@@ -710,3 +753,38 @@ class TestDatabaseErrors:
             assert "give contacts-sync write access" in caught.value.message
         finally:
             store.close()
+
+
+_utc_moments = st.datetimes(
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+)
+_zoned_moments = st.datetimes(
+    min_value=datetime(1900, 1, 1),
+    max_value=datetime(2200, 1, 1),
+    timezones=st.integers(-14 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m))),
+)
+
+
+class TestSqliteTimestampText:
+    """The SQLite upsert writes a page's times a column at a time; the text must be exactly
+    what one-at-a-time formatting gives, or text comparisons in the mirror would go wrong."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.none() | _utc_moments | st.builds(lambda m: m.replace(microsecond=0), _utc_moments)
+        )
+    )
+    def test_a_utc_column_matches_one_at_a_time(self, values: list[datetime | None]) -> None:
+        expected = [None if value is None else sqlite_timestamp(value) for value in values]
+        assert sqlite_timestamps(values) == expected
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(st.none() | _utc_moments | _zoned_moments, min_size=1))
+    def test_any_zone_is_written_as_utc(self, values: list[datetime | None]) -> None:
+        expected = [None if value is None else sqlite_timestamp(value) for value in values]
+        assert sqlite_timestamps(values) == expected
+
+    def test_a_naive_time_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="naive"):
+            sqlite_timestamps([T0, datetime(2025, 1, 1)])
