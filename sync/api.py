@@ -19,7 +19,7 @@ from sync import __version__
 from sync.config import ApiSettings
 from sync.errors import MalformedResponse, RequestRejected, TransportFailure, UpstreamError
 from sync.retry import RetryPolicy
-from sync.rows import ParsedPage, parse_items
+from sync.rows import ParsedPage, decode_usual_page, parse_items
 
 __all__ = ["MAX_BODY_BYTES", "ContactsClient", "Page", "format_filter_time"]
 
@@ -128,7 +128,7 @@ class ContactsClient:
                     resp.read()
                     raise _non_200_error(resp)
                 body = _read_capped(resp)
-                items = _decode_items(resp, body)
+                _require_json(resp)
                 date = resp.headers.get("date")
         except httpx.TimeoutException:
             raise TransportFailure(
@@ -141,7 +141,9 @@ class ContactsClient:
                 "check api.base_url and the network."
             ) from None
         careful = _UNSTORABLE_ESCAPE.search(body) is not None
-        parsed = parse_items(items, careful=careful)
+        parsed = None if careful else decode_usual_page(body)
+        if parsed is None:
+            parsed = parse_items(_decode_items(body), careful=careful)
         return Page(offset=offset, limit=limit, parsed=parsed, date=date)
 
 
@@ -194,7 +196,7 @@ def _too_large() -> str:
     )
 
 
-def _decode_items(response: httpx.Response, body: bytes) -> list[Any]:
+def _require_json(response: httpx.Response) -> None:
     content_type = response.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
@@ -202,6 +204,9 @@ def _decode_items(response: httpx.Response, body: bytes) -> list[Any]:
             f"The API answered 200 with content type {media or 'none'} instead of JSON; "
             "check api.base_url points at the contacts API."
         )
+
+
+def _decode_items(body: bytes) -> list[Any]:
     try:
         items = _loads(body)
     except ValueError:

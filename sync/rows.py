@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from itertools import repeat
-from operator import attrgetter, itemgetter
-from typing import Any, NamedTuple, cast
+from operator import attrgetter
+from typing import Annotated, Any, NamedTuple, cast
+
+import msgspec
 
 __all__ = [
     "CONTACT_FIELDS",
@@ -20,6 +22,7 @@ __all__ = [
     "ParsedPage",
     "RejectedRow",
     "RowKey",
+    "decode_usual_page",
     "parse_items",
     "parse_timestamp",
 ]
@@ -216,33 +219,40 @@ def _raw_id(item: object) -> int | None:
     return None
 
 
-_FIELDS_OF = itemgetter(*CONTACT_FIELDS)
-_INT = frozenset({int})
-_INT_OR_NONE = frozenset({int, type(None)})
-_STR = frozenset({str})
-_STR_OR_NONE = frozenset({str, type(None)})
+_Id = Annotated[int, msgspec.Meta(ge=1, le=_MAX_BIGINT)]
+_UsualItem = msgspec.defstruct(
+    "_UsualItem",
+    [
+        ("id", _Id),
+        ("updated_at", str),
+        ("created_at", str | None),
+        ("client_id", _Id | None),
+        *((name, str | None) for name in TEXT_FIELDS),
+    ],
+    forbid_unknown_fields=True,
+)
+"""An item with every documented field and no other, each of its usual type: in ContactRow's
+order, so that a page's items transpose straight into its columns."""
+_USUAL_PAGE = msgspec.json.Decoder(list[_UsualItem])  # type: ignore[valid-type]
 _fromisoformat = datetime.fromisoformat
 _tzinfo_of = attrgetter("tzinfo")
 
 
-def _parse_uniform(items: Sequence[object]) -> ParsedPage | None:
-    """The usual page in a few passes over its columns, not row by row; None when any item
-    is unusual (a missing or unknown field, a type or value out of the ordinary), which
-    leaves the page to the row-by-row path that also says what is wrong."""
-    if not items or set(map(type, items)) != {dict}:
-        return None
-    objects = cast("Sequence[dict[str, Any]]", items)
-    if set(map(len, objects)) != {len(CONTACT_FIELDS)}:
-        return None
+def decode_usual_page(body: bytes) -> ParsedPage | None:
+    """The usual page straight from the response body; None when anything in it is unusual
+    (a missing or unknown field, a type or value out of the ordinary, a time without an
+    offset), which leaves the page to `parse_items`, the path that also says what is wrong.
+
+    msgspec checks the shape and types while it decodes, in C: a third less time than decoding
+    to dicts and checking them in Python, on the path of every page.
+    """
     try:
-        columns = list(zip(*map(_FIELDS_OF, objects), strict=True))
-    except KeyError:
+        items = _USUAL_PAGE.decode(body)
+    except msgspec.MsgspecError:
         return None
-    ids, created_stamps, stamps, client_ids, *texts = columns
-    if not (_valid_ids(ids, _INT) and _valid_ids(client_ids, _INT_OR_NONE)):
+    if not items:
         return None
-    if any(not set(map(type, column)) <= _STR_OR_NONE for column in texts):
-        return None
+    ids, stamps, created_stamps, client_ids, *texts = zip(*map(_as_tuple, items), strict=True)
     updated = _utc_column(stamps)
     created = _utc_column_with_nulls(created_stamps)
     if updated is None or created is None:
@@ -256,17 +266,12 @@ def _parse_uniform(items: Sequence[object]) -> ParsedPage | None:
     return ParsedPage(rows=rows, rejected=[], keys=keys)
 
 
-def _valid_ids(column: Sequence[object], types: frozenset[type]) -> bool:
-    """Every value of one of `types`, and every integer among them a storable id."""
-    if not set(map(type, column)) <= types:
-        return False
-    given = cast("list[int]", [value for value in column if value is not None])
-    return not given or (min(given) >= 1 and max(given) <= _MAX_BIGINT)
+_as_tuple = msgspec.structs.astuple
 
 
-def _utc_column_with_nulls(stamps: Sequence[object]) -> list[datetime | None] | None:
+def _utc_column_with_nulls(stamps: Sequence[str | None]) -> list[datetime | None] | None:
     if None not in stamps:
-        return cast("list[datetime | None] | None", _utc_column(stamps))
+        return cast("list[datetime | None] | None", _utc_column(cast("Sequence[str]", stamps)))
     present = [stamp for stamp in stamps if stamp is not None]
     parsed = _utc_column(present) if present else []
     if parsed is None:
@@ -275,12 +280,10 @@ def _utc_column_with_nulls(stamps: Sequence[object]) -> list[datetime | None] | 
     return [None if stamp is None else next(found) for stamp in stamps]
 
 
-def _utc_column(stamps: Sequence[object]) -> list[datetime] | None:
+def _utc_column(stamps: Sequence[str]) -> list[datetime] | None:
     """ISO-8601 strings with an offset -> aware UTC datetimes; None if any is not one."""
-    if set(map(type, stamps)) != _STR:
-        return None
     try:
-        parsed = list(map(_fromisoformat, cast("Sequence[str]", stamps)))
+        parsed = list(map(_fromisoformat, stamps))
     except ValueError:
         return None
     zones = set(map(_tzinfo_of, parsed))
@@ -304,16 +307,12 @@ def _newest_by_id(rows: Sequence[ContactRow]) -> dict[int, ContactRow]:
 
 
 def parse_items(items: Sequence[object], *, careful: bool = False) -> ParsedPage:
-    """Validate a page's items; a duplicate id within the page keeps its newest version.
+    """Validate a page's items one by one, with the reason for every item rejected; a
+    duplicate id within the page keeps its newest version.
 
     `careful` also checks every string for what SQL text cannot hold (NUL, lone surrogates);
     the client asks for it when the raw body contains such escapes.
     """
-    return (None if careful else _parse_uniform(items)) or _parse_rows(items, careful=careful)
-
-
-def _parse_rows(items: Sequence[object], *, careful: bool) -> ParsedPage:
-    """Item by item: any page, and the reason for every item rejected."""
     fast = _parse_item if careful else _parse_well_formed
     newest: dict[int, ContactRow] = {}
     rejected: list[RejectedRow] = []

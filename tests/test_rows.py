@@ -5,6 +5,7 @@ Items are the JSON shapes the list endpoint documents, plus the ways a real page
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -15,8 +16,7 @@ from hypothesis import strategies as st
 from sync.rows import (
     TEXT_FIELDS,
     ContactRow,
-    _parse_rows,
-    _parse_uniform,
+    decode_usual_page,
     parse_items,
     parse_timestamp,
 )
@@ -437,7 +437,12 @@ def _pages(draw: st.DrawFn) -> list[object]:
     """Pages of full items, ids clashing now and then, some fields replaced, dropped or added."""
     items: list[object] = []
     for _ in range(draw(st.integers(1, 8))):
-        item: dict[str, Any] = dict(_FULL, id=draw(st.integers(1, 6)))
+        item: dict[str, Any] = dict(
+            _FULL,
+            id=draw(st.integers(1, 6)),
+            updated_at=draw(_timestamps()),
+            created_at=draw(st.none() | _timestamps()),
+        )
         for name in draw(st.lists(st.sampled_from(sorted(_FULL)), max_size=2)):
             if draw(st.booleans()):
                 item[name] = draw(_ODD_VALUES)
@@ -449,26 +454,79 @@ def _pages(draw: st.DrawFn) -> list[object]:
     return items
 
 
-class TestWholePageFastPath:
+@st.composite
+def _usual_pages(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Pages the typed decoder should take: every field, well typed, times with offsets."""
+    aware = _timestamps().filter(lambda stamp: stamp.endswith("Z") or stamp[-6] in "+-")
+    return draw(
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "id": st.integers(1, 6),
+                    "updated_at": aware,
+                    "created_at": st.none() | aware,
+                    "client_id": st.none() | st.integers(1, 2**63 - 1),
+                    **dict.fromkeys(TEXT_FIELDS, _optional_text),
+                }
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
+
+
+class TestUsualPageFastPath:
     def test_an_ordinary_page_takes_it(self) -> None:
-        """Full, well-typed items (any offsets, null texts and created_at) go column-wise."""
+        """Full, well-typed items (any offsets, null texts and created_at) are decoded typed."""
         items = [
             dict(_FULL, id=1),
             dict(_FULL, id=2, updated_at="2025-10-28T12:23:49.429+02:00", created_at=None),
             dict(_FULL, id=3, email=None, client_id=None),
         ]
-        uniform = _parse_uniform(items)
-        assert uniform is not None
-        assert repr(uniform) == repr(_parse_rows(items, careful=False))
-        assert {row.updated_at.tzinfo for row in uniform.rows} == {UTC}
+        usual = decode_usual_page(json.dumps(items).encode())
+        assert usual is not None
+        assert repr(usual) == repr(parse_items(items))
+        assert {row.updated_at.tzinfo for row in usual.rows} == {UTC}
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"added_later": 1},
+            {"id": True},
+            {"id": 2**63},
+            {"id": 7.0},
+            {"client_id": 0},
+            {"email": 5},
+            {"updated_at": "2025-10-28T10:23:49"},
+            {"created_at": "2025-10-28"},
+        ],
+        ids=["extra", "bool", "huge", "float", "zero", "number", "naive", "date"],
+    )
+    def test_anything_unusual_is_left_to_the_item_path(self, change: dict[str, Any]) -> None:
+        """An unknown field, an odd type or value, a time without an offset: not decoded here."""
+        items = [dict(_FULL, id=1), {**_FULL, "id": 2, **change}]
+        assert decode_usual_page(json.dumps(items).encode()) is None
+
+    def test_a_missing_field_is_left_to_the_item_path(self) -> None:
+        item = dict(_FULL)
+        del item["telephone"]
+        assert decode_usual_page(json.dumps([item]).encode()) is None
 
     @settings(max_examples=400, deadline=None)
     @given(_pages())
-    def test_it_agrees_with_the_row_by_row_path(self, items: list[object]) -> None:
-        """Whenever the column-wise path takes a page, it gives exactly what row by row does."""
-        uniform = _parse_uniform(items)
-        rows = _parse_rows(items, careful=False)
-        if uniform is not None:
+    def test_it_agrees_with_the_item_by_item_path(self, items: list[object]) -> None:
+        """Whenever the typed decoder takes a page, it gives exactly what item by item does."""
+        body = json.dumps(items).encode()
+        usual = decode_usual_page(body)
+        if usual is not None:
             # repr, not ==: aware datetimes in other zones compare equal to their UTC instant.
-            assert repr(uniform) == repr(rows)
-        assert repr(parse_items(items)) == repr(rows)
+            assert repr(usual) == repr(parse_items(json.loads(body)))
+
+    @settings(max_examples=300, deadline=None)
+    @given(_usual_pages())
+    def test_a_usual_page_is_taken_and_agrees(self, items: list[dict[str, Any]]) -> None:
+        """Well-formed pages do take the typed decoder, and it matches item by item exactly."""
+        body = json.dumps(items).encode()
+        usual = decode_usual_page(body)
+        assert usual is not None
+        assert repr(usual) == repr(parse_items(json.loads(body)))
