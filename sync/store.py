@@ -93,6 +93,8 @@ class PageWriter:
         self._conn: Connection | None = None
         self._checkpoint: tuple[Checkpoint, datetime] | None = None
         self._opened = 0.0
+        self._quarantined: set[int] | None = None
+        """Ids this company has in quarantine, read once a pass: a valid version clears them."""
         self.commits = 0
 
     @property
@@ -116,7 +118,16 @@ class PageWriter:
         if checkpoint is not None:
             self._checkpoint = (checkpoint, synced_at)
         try:
-            return self._store._write_rows(self._conn, self._company_id, rows, rejected, synced_at)
+            if self._quarantined is None:
+                self._quarantined = self._store._quarantined_ids(self._conn, self._company_id)
+            return self._store._write_rows(
+                self._conn,
+                self._company_id,
+                rows,
+                rejected,
+                synced_at,
+                quarantined=self._quarantined,
+            )
         except BaseException as exc:
             self._abort(exc)
             raise
@@ -140,7 +151,7 @@ class PageWriter:
         """End the open transaction with `exc` thrown into it: it rolls back, and a driver
         error comes out as the DatabaseError the backend makes of it."""
         transaction = self._transaction
-        self._transaction = self._conn = self._checkpoint = None
+        self._transaction = self._conn = self._checkpoint = self._quarantined = None
         if transaction is not None:
             transaction.__exit__(type(exc), exc, exc.__traceback__)
 
@@ -225,13 +236,37 @@ class MirrorStore:
         rows: Sequence[ContactRow],
         rejected: Sequence[RejectedRow],
         synced_at: datetime,
+        *,
+        quarantined: set[int],
     ) -> int:
+        """Upsert the rows and quarantine the rejects; `quarantined` (the company's quarantined
+        ids) is kept up to date: an id served valid again leaves the quarantine."""
         written = 0
         if rows:
             written = self._backend.upsert_contacts(conn, company_id, rows, synced_at)
+            if quarantined:
+                fixed = quarantined.intersection(row.id for row in rows)
+                fixed.difference_update(item.contact_id for item in rejected)
+                if fixed:
+                    conn.execute(
+                        delete(_QUARANTINE).where(
+                            _QUARANTINE.c.company_id == company_id,
+                            _QUARANTINE.c.contact_id.in_(sorted(fixed)),
+                        )
+                    )
+                    quarantined.difference_update(fixed)
         if rejected:
             self._quarantine(conn, company_id, rejected, synced_at)
+            quarantined.update(item.contact_id for item in rejected if item.contact_id is not None)
         return written
+
+    def _quarantined_ids(self, conn: Connection, company_id: str) -> set[int]:
+        ids = conn.execute(
+            select(_QUARANTINE.c.contact_id).where(
+                _QUARANTINE.c.company_id == company_id, _QUARANTINE.c.contact_id.is_not(None)
+            )
+        ).scalars()
+        return set(ids)
 
     def _quarantine(
         self,

@@ -38,6 +38,7 @@ bodies with its faults) unless a server cannot produce it; then `httpx.MockTrans
 | secrets   | upstream echoes the token; debug logs | not in output, files, status, metrics       |
 | paging    | broken run at a page boundary;        | walked past; counted once in quarantine     |
 |           | id-less broken item re-read           | (TestBrokenRuns)                            |
+| row       | a quarantined id later served valid   | stored; its entry leaves the quarantine     |
 
 Locks held by another process (exit 7) are covered in test_cli.py; a full disk is
 reproduced by capping SQLite's max_page_count.
@@ -356,6 +357,24 @@ class TestBrokenRuns:
         settings_ = make_settings(small, sqlite_url, api={"page_size": 10})
         run_pass(settings_)
         run_pass(settings_, backfill=True)
+        assert state_of(sqlite_url).quarantined == 1
+
+    def test_a_row_upstream_fixed_leaves_the_quarantine(
+        self, small: SandboxServer, sqlite_url: str
+    ) -> None:
+        """Once upstream serves a quarantined id valid again, it is stored and no longer
+        counted as quarantined; a broken item without an id stays."""
+        old = datetime(2020, 1, 1, tzinfo=UTC)
+        small.data.put_raw("1", contact(103, updated_at="soon"), sort_id=12, updated_at=old)
+        small.data.put_raw("1", contact(_DROP), sort_id=13, updated_at=old)
+        settings_ = make_settings(small, sqlite_url, api={"page_size": 10})
+        run_pass(settings_)
+        assert state_of(sqlite_url).quarantined == 2
+        small.data.clear_raw("1")
+        small.data.put_raw("1", contact(103), sort_id=12)
+        small.data.put_raw("1", contact(_DROP), sort_id=13, updated_at=old)
+        run_pass(settings_, backfill=True)
+        assert 103 in mirror_rows(sqlite_url)
         assert state_of(sqlite_url).quarantined == 1
 
 

@@ -323,6 +323,24 @@ class TestWritePage:
         store.write_page("42", [], [bad], None, T0)
         assert store.status(["42"])[0].quarantined == 1
 
+    def test_an_id_served_valid_again_leaves_the_quarantine(self, store: MirrorStore) -> None:
+        """A valid version of a quarantined id clears its entry, within one group of pages
+        too; one served broken and valid in the same page stays quarantined."""
+        bad = RejectedRow(payload={"id": 9}, reason="updated_at is missing", contact_id=9)
+        other = RejectedRow(payload={"id": 8}, reason="updated_at is missing", contact_id=8)
+        store.write_page("42", [], [bad, other], None, T0)
+        store.write_page("42", [_row(8)], [other], None, T0)
+        assert store.status(["42"])[0].quarantined == 2
+        with store.page_writer("42") as writer:
+            writer.write([_row(9)], [], None, T0)
+            writer.write([], [bad], None, T0)
+            writer.write([_row(9, T0 + timedelta(seconds=1))], [], None, T0)
+        assert store.status(["42"])[0].quarantined == 1
+        store.write_page("43", [_row(8)], [], None, T0)  # another company's id 8
+        assert store.status(["42"])[0].quarantined == 1
+        store.write_page("42", [_row(8)], [], None, T0)
+        assert store.status(["42"])[0].quarantined == 0
+
     def test_naive_timestamps_are_refused(self, store: MirrorStore) -> None:
         """A timestamp without an offset is ambiguous, so it is a programming error."""
         with pytest.raises(ValueError, match="naive"):
