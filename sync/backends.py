@@ -119,7 +119,9 @@ class Backend(ABC):
         """One bulk statement for the page; returns rows inserted or updated."""
 
     @abstractmethod
-    def lock(self, company_id: str) -> AbstractContextManager[None]: ...
+    def lock(self, company_id: str) -> AbstractContextManager[Callable[[Connection], None]]:
+        """Hold the company's lock; yields a check that raises DatabaseError if it was lost,
+        given the connection of a write about to commit."""
 
     @abstractmethod
     def _before_migration(self, conn: Connection) -> None:
@@ -270,14 +272,15 @@ class _SQLiteBackend(Backend):
         return written
 
     @contextmanager
-    def lock(self, company_id: str) -> Iterator[None]:
+    def lock(self, company_id: str) -> Iterator[Callable[[Connection], None]]:
+        # A lock held by this process (an open file, or a set entry) cannot be lost under it.
         if self._path is None:
             with self._held_guard:
                 if company_id in self._held:
                     raise CompanyLocked(company_id)
                 self._held.add(company_id)
             try:
-                yield
+                yield _still_held
             finally:
                 with self._held_guard:
                     self._held.discard(company_id)
@@ -296,7 +299,7 @@ class _SQLiteBackend(Backend):
             except BlockingIOError:
                 raise CompanyLocked(company_id) from None
             try:
-                yield
+                yield _still_held
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
@@ -361,7 +364,7 @@ class _PostgresBackend(Backend):
         return conn.exec_driver_sql(self._UPSERT, parameters).rowcount
 
     @contextmanager
-    def lock(self, company_id: str) -> Iterator[None]:
+    def lock(self, company_id: str) -> Iterator[Callable[[Connection], None]]:
         key = int.from_bytes(_digest(company_id)[:8], "big", signed=True)
         with self._errors("open"):
             conn = self.engine.connect()
@@ -372,8 +375,20 @@ class _PostgresBackend(Backend):
                 acquired = conn.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key})
             if not acquired:
                 raise CompanyLocked(company_id)
+            holder = conn.scalar(text("SELECT pg_backend_pid()"))
+
+            def still_held(write: Connection) -> None:
+                # A session lock lasts as long as its session: checked from the committing
+                # transaction, so a killed or restarted session is caught before the commit.
+                held = write.scalar(_LOCK_HELD, {"pid": holder, "key": key})
+                if not held:
+                    raise DatabaseError(
+                        f"Lost the lock on company {company_id}: the database ended the session "
+                        "holding it, so another process may be syncing it; run again."
+                    )
+
             try:
-                yield
+                yield still_held
             finally:
                 try:
                     conn.scalar(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
@@ -444,6 +459,17 @@ def _create_private_file(path: str, where: str) -> None:
 
 def _digest(company_id: str) -> bytes:
     return hashlib.sha256(f"contacts-sync:{company_id}".encode()).digest()
+
+
+_LOCK_HELD = text(
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = :pid"
+    " AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = :key"
+)
+"""Whether that session still holds that advisory lock (a bigint key shows as two oids)."""
+
+
+def _still_held(_write: Connection) -> None:
+    """A lock that cannot be lost while this process runs."""
 
 
 def _refuse_naive(rows: Sequence[ContactRow]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from time import monotonic
@@ -176,6 +176,8 @@ class MirrorStore:
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
+        self._lock_checks: dict[str, Callable[[Connection], None]] = {}
+        """Per company whose lock this store holds: raises if it was lost (see `_still_locked`)."""
 
     @classmethod
     def open(cls, url: str) -> MirrorStore:
@@ -360,6 +362,7 @@ class MirrorStore:
             self._backend.durable(conn)
             stored: datetime | None = conn.execute(statement).scalar_one()
             conn.execute(delete(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company_id))
+            self._still_locked(conn, company_id)
         return stored
 
     def record_failure(self, company_id: str, message: str, at: datetime) -> None:
@@ -399,12 +402,26 @@ class MirrorStore:
         with self._backend.write() as conn:
             conn.execute(delete(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company_id))
 
-    def company_lock(self, company_id: str) -> AbstractContextManager[None]:
+    @contextmanager
+    def company_lock(self, company_id: str) -> Iterator[None]:
         """Exclusive right to sync one company, across processes (and machines on PostgreSQL).
 
-        Raises CompanyLocked at once if another holder has it; it dies with its process.
+        Raises CompanyLocked at once if another holder has it; it dies with its process. While
+        it is held, moving the cursor and marking deletions first check that it still is.
         """
-        return self._backend.lock(company_id)
+        with self._backend.lock(company_id) as still_held:
+            self._lock_checks[company_id] = still_held
+            try:
+                yield
+            finally:
+                del self._lock_checks[company_id]
+
+    def _still_locked(self, conn: Connection, company_id: str) -> None:
+        """Before a write that only the lock holder may make commits: a PostgreSQL session
+        that held the lock and was ended (a restart, a terminated backend) let go of it."""
+        check = self._lock_checks.get(company_id)
+        if check is not None:
+            check(conn)
 
     def status(self, companies: Sequence[str]) -> list[CompanyStatus]:
         """The configured companies first, even with no rows yet, then any others in the db."""
@@ -475,16 +492,19 @@ class MirrorStore:
         """Soft: set deleted_at on live rows; hard: delete the rows. Returns rows affected."""
         mine = _CONTACTS.c.company_id == company_id
         if hard:
-            return self._by_ids(ids, lambda batch: delete(_CONTACTS).where(mine, batch))
+            return self._by_ids(company_id, ids, lambda batch: delete(_CONTACTS).where(mine, batch))
         statement = update(_CONTACTS).values(deleted_at=_utc(at))
         return self._by_ids(
-            ids, lambda batch: statement.where(mine, batch, _CONTACTS.c.deleted_at.is_(None))
+            company_id,
+            ids,
+            lambda batch: statement.where(mine, batch, _CONTACTS.c.deleted_at.is_(None)),
         )
 
     def undelete(self, company_id: str, ids: Collection[int]) -> int:
         """Clear deleted_at on rows that turned out to exist upstream. Returns rows affected."""
         statement = update(_CONTACTS).values(deleted_at=None)
         return self._by_ids(
+            company_id,
             ids,
             lambda batch: statement.where(
                 _CONTACTS.c.company_id == company_id, batch, _CONTACTS.c.deleted_at.is_not(None)
@@ -495,7 +515,10 @@ class MirrorStore:
         self._backend.engine.dispose()
 
     def _by_ids(
-        self, ids: Collection[int], statement_for: Callable[[ColumnElement[bool]], Executable]
+        self,
+        company_id: str,
+        ids: Collection[int],
+        statement_for: Callable[[ColumnElement[bool]], Executable],
     ) -> int:
         """Run a statement over `ids` in batches, all in one transaction."""
         ordered = sorted(ids)
@@ -504,6 +527,7 @@ class MirrorStore:
             for start in range(0, len(ordered), _ID_BATCH):
                 batch = _CONTACTS.c.id.in_(ordered[start : start + _ID_BATCH])
                 affected += conn.execute(statement_for(batch)).rowcount
+            self._still_locked(conn, company_id)
         return affected
 
     def _save_checkpoint(

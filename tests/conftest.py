@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 import structlog
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from sync.config import Settings
 from sync.log import redactor
@@ -189,3 +189,15 @@ def safe_rows(db_url: str, company: str = "1") -> dict[int, Any]:
         return mirror_rows(db_url, company)
     except Exception:
         return {}
+
+
+def end_lock_sessions(admin_dsn: str, db_url: str) -> None:
+    """What a database restart does to the sessions holding advisory locks in db_url."""
+    database = make_url(db_url).database
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_database d"
+            " ON d.oid = l.database WHERE l.locktype = 'advisory' AND d.datname = %s",
+            (database,),
+        ).fetchall()
+    assert ended

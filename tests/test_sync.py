@@ -12,12 +12,19 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from conftest import make_settings, mirror_rows, stored_pages, upstream_rows, wait_until
+from conftest import (
+    end_lock_sessions,
+    make_settings,
+    mirror_rows,
+    stored_pages,
+    upstream_rows,
+    wait_until,
+)
 
 from sync.api import ContactsClient
 from sync.config import Settings
 from sync.engine import PassReport, SyncEngine
-from sync.errors import AuthError, RequestRejected, UpstreamUnavailable
+from sync.errors import AuthError, DatabaseError, RequestRejected, UpstreamUnavailable
 from sync.retry import RetryPolicy
 from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxServer
 from sync.sandbox_data import SandboxData
@@ -181,6 +188,41 @@ class TestFailures:
         assert report.resumed
         assert len(sandbox.requests("1")) < 12
         assert mirror_rows(db_url) == upstream_rows(sandbox)
+
+    @pytest.mark.postgres
+    def test_a_pass_that_lost_its_lock_does_not_move_the_cursor(
+        self, sandbox: SandboxServer, pg_url: str, pg_admin_dsn: str
+    ) -> None:
+        """The database ends the session holding the company's lock mid-pass (a restart, a
+        killed backend): the pass fails with a database error before moving the cursor, says
+        why in status, and the next pass ends exact."""
+
+        class EndTheLockSession:
+            def pass_started(self, company_id: str, mode: str, resumed: bool) -> None:
+                pass
+
+            def page_stored(self, company_id: str, pages: int, rows: int) -> None:
+                if pages == 2:
+                    end_lock_sessions(pg_admin_dsn, pg_url)
+
+            def pass_finished(self, report: PassReport) -> None:
+                pass
+
+        settings = make_settings(sandbox, pg_url)
+        with (
+            engine_for(settings, EndTheLockSession()) as engine,
+            pytest.raises(DatabaseError, match="Lost the lock on company 1"),
+        ):
+            engine.sync_company("1")
+        assert cursor_of(settings) is None
+        store = MirrorStore.open(pg_url)
+        try:
+            assert "Lost the lock" in (store.status(["1"])[0].last_error or "")
+        finally:
+            store.close()
+        run_pass(settings)
+        assert cursor_of(settings) is not None
+        assert mirror_rows(pg_url) == upstream_rows(sandbox)
 
     @pytest.mark.parametrize("concurrency", CONCURRENCY)
     def test_bursts_of_transient_faults_are_survived(
