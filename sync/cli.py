@@ -219,6 +219,7 @@ def _status_json(row: CompanyStatus) -> dict[str, Any]:
         "contacts": row.contacts,
         "deleted": row.deleted,
         "quarantined": row.quarantined,
+        "last_pass": row.last_pass,
     }
 
 
@@ -249,6 +250,15 @@ def _status_table(rows: Sequence[CompanyStatus]) -> RenderableType:
             when = _short(row.last_error_at) or "?"
             errors.append(
                 Text(f"company {row.company_id}, {when}: {redactor().scrub(row.last_error)}")
+            )
+        off_filter = (row.last_pass or {}).get("off_filter")
+        if off_filter:
+            errors.append(
+                Text(
+                    f"company {row.company_id}: the last pass stored {off_filter:,} "
+                    f"row{'s' if off_filter != 1 else ''} that the filter it sent should have "
+                    "excluded; upstream may have changed how it filters."
+                )
             )
     return Group(table, *errors)
 

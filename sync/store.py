@@ -74,6 +74,8 @@ class CompanyStatus:
     contacts: int
     deleted: int
     quarantined: int
+    last_pass: dict[str, Any] | None = None
+    """The last completed pass's summary (the `pass.finished` event), for `status --json`."""
 
 
 class PageWriter:
@@ -460,6 +462,7 @@ class MirrorStore:
                     contacts=live,
                     deleted=deleted,
                     quarantined=quarantined.get(company, 0),
+                    last_pass=state.last_pass if state else None,
                 )
             )
         return result

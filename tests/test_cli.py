@@ -96,6 +96,22 @@ class TestOnceAndStatus:
         assert company["last_error"] is None
         assert company["cursor"].endswith("Z")
         assert company["last_success_at"] is not None
+        assert company["last_pass"]["rows_fetched"] >= 1200
+        assert company["last_pass"]["off_filter"] == 0
+
+    def test_status_tells_of_rows_outside_the_filter_sent(
+        self, server: SandboxServer, sqlite_url: str, tmp_path: Path
+    ) -> None:
+        """An upstream that ignored the filter shows in status: a count and a sentence."""
+        config = write_config(tmp_path / "sync.toml", server, sqlite_url)
+        assert cli(config, "once").returncode == 0
+        old = {"id": 5000, "updated_at": "2020-01-01T00:00:00Z"}
+        server.data.put_raw("1", old, unfiltered=True)
+        assert cli(config, "once").returncode == 0
+        shown = json.loads(cli(config, "status", "--json").stdout)
+        assert shown["companies"][0]["last_pass"]["off_filter"] == 1
+        table = " ".join(cli(config, "status").stdout.split())
+        assert "the last pass stored 1 row that the filter it sent should have excluded" in table
 
     def test_status_table_lists_every_company(
         self, server: SandboxServer, sqlite_url: str, tmp_path: Path
