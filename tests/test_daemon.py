@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -502,11 +503,52 @@ class TestStoppableTransport:
         assert outcome
         assert took < 1
 
+    def test_tls_goes_through_its_context(self, tmp_path: Path) -> None:
+        """A server with a certificate no default CA signed is refused; with that certificate
+        as `ca_bundle`, the same server is reached."""
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run(
+            [
+                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+                *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+                *("-keyout", str(key), "-out", str(cert)),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_side.load_cert_chain(cert, key)
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            url = f"https://127.0.0.1:{listener.getsockname()[1]}/"
+
+            def serve() -> None:
+                for _ in range(2):
+                    conn, _ = listener.accept()
+                    with (
+                        contextlib.suppress(ssl.SSLError, OSError),
+                        server_side.wrap_socket(conn, server_side=True) as tls,
+                    ):
+                        tls.recv(4096)
+                        tls.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                    conn.close()
+
+            server = threading.Thread(target=serve, daemon=True)
+            server.start()
+            with (
+                httpx.Client(transport=StoppableTransport(2)) as client,
+                pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"),
+            ):
+                client.get(url)
+            with httpx.Client(transport=StoppableTransport(2, ca_bundle=str(cert))) as client:
+                assert client.get(url).status_code == 204
+            server.join(timeout=5)
+
     def test_certificates_are_still_verified(self) -> None:
         """The daemon's transport verifies certificates and host names like the client's own."""
         for transport in (StoppableTransport(2), StoppableTransport(2, ca_bundle=certifi.where())):
-            context = transport._pool._ssl_context
-            assert context is not None
+            context = transport.ssl_context
             assert context.verify_mode == ssl.CERT_REQUIRED
             assert context.check_hostname
             transport.close()
