@@ -450,49 +450,6 @@ class TestCursor:
         assert checkpoint.next_offset == 300
 
 
-class TestLock:
-    def test_the_lock_is_exclusive_and_released(self, db_url: str) -> None:
-        first, second = MirrorStore.open(db_url), MirrorStore.open(db_url)
-        try:
-            with first.company_lock("42"):
-                with pytest.raises(CompanyLocked), second.company_lock("42"):
-                    pass
-                with second.company_lock("43"):
-                    pass
-            with second.company_lock("42"):
-                pass
-        finally:
-            first.close()
-            second.close()
-
-    @pytest.mark.postgres
-    def test_a_lost_lock_moves_no_cursor_and_marks_nothing(
-        self, pg_url: str, pg_admin_dsn: str
-    ) -> None:
-        """If the session holding the lock is ended (a restart, a killed backend), another
-        process may take the lock: the cursor and deletion marks then refuse to commit."""
-        store, other = MirrorStore.open(pg_url), MirrorStore.open(pg_url)
-        store.write_page("42", [_row(1)], [], None, T0)
-        try:
-            with store.company_lock("42"):
-                store.advance_cursor("42", T0, T0)  # held: goes through
-                end_lock_sessions(pg_admin_dsn, pg_url)
-                with other.company_lock("42"):  # someone else can have it now
-                    pass
-                later = T0 + timedelta(hours=1)
-                with pytest.raises(DatabaseError, match="Lost the lock on company 42"):
-                    store.advance_cursor("42", later, later)
-                with pytest.raises(DatabaseError, match="Lost the lock"):
-                    store.mark_deleted("42", {1}, later, hard=False)
-            assert store.read_state("42").cursor == T0
-            assert store.status(["42"])[0].deleted == 0
-            with store.company_lock("42"):  # a new pass takes the lock afresh
-                store.advance_cursor("42", T0 + timedelta(hours=1), T0)
-        finally:
-            store.close()
-            other.close()
-
-
 class TestCheckpoint:
     def test_round_trip_with_anchors(self, store: MirrorStore) -> None:
         """A checkpoint comes back equal, its anchors as (id, UTC updated_at) pairs."""
@@ -731,6 +688,33 @@ class TestCompanyLock:
                 pass
         finally:
             memory.close()
+
+    @pytest.mark.postgres
+    def test_a_lost_lock_moves_no_cursor_and_marks_nothing(
+        self, pg_url: str, pg_admin_dsn: str
+    ) -> None:
+        """If the session holding the lock is ended (a restart, a killed backend), another
+        process may take the lock: the cursor and deletion marks then refuse to commit."""
+        store, other = MirrorStore.open(pg_url), MirrorStore.open(pg_url)
+        store.write_page("42", [_row(1)], [], None, T0)
+        try:
+            with store.company_lock("42"):
+                store.advance_cursor("42", T0, T0)  # held: goes through
+                end_lock_sessions(pg_admin_dsn, pg_url)
+                with other.company_lock("42"):  # someone else can have it now
+                    pass
+                later = T0 + timedelta(hours=1)
+                with pytest.raises(DatabaseError, match="Lost the lock on company 42"):
+                    store.advance_cursor("42", later, later)
+                with pytest.raises(DatabaseError, match="Lost the lock"):
+                    store.mark_deleted("42", {1}, later, hard=False)
+            assert store.read_state("42").cursor == T0
+            assert store.status(["42"])[0].deleted == 0
+            with store.company_lock("42"):  # a new pass takes the lock afresh
+                store.advance_cursor("42", T0 + timedelta(hours=1), T0)
+        finally:
+            store.close()
+            other.close()
 
 
 class TestReconcile:
