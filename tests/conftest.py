@@ -91,15 +91,32 @@ def sandbox() -> Iterator[SandboxServer]:
         yield server
 
 
+_walk_concurrency = 1
+"""The api.concurrency make_settings gives unless told: set by the walk_concurrency fixture."""
+
+
+@pytest.fixture(params=[1, 4], ids=["sequential", "concurrent"])
+def walk_concurrency(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Run a test with pages fetched one at a time, then again with fetches in flight while
+    pages are stored: engine test modules take it for all their tests (`pytestmark`)."""
+    global _walk_concurrency  # noqa: PLW0603 - make_settings is a plain function
+    _walk_concurrency = request.param
+    try:
+        yield request.param
+    finally:
+        _walk_concurrency = 1
+
+
 def make_settings(server: SandboxServer, db_url: str, **sections: dict[str, Any]) -> Settings:
-    """Settings pointing at `server` and `db_url`; `sections` override keys section by section."""
+    """Settings pointing at `server` and `db_url`; `sections` override keys section by section.
+    api.concurrency is the walk_concurrency fixture's when a test runs under it, else 1."""
     base: dict[str, dict[str, Any]] = {
         "api": {
             "base_url": server.base_url,
             "token": DEFAULT_TOKEN,
             "companies": ["1"],
             "api_version": "2024-01",
-            "concurrency": 1,
+            "concurrency": _walk_concurrency,
             "timeout_s": 5,
         },
         "database": {"url": db_url},

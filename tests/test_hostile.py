@@ -83,6 +83,8 @@ from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxServer
 from sync.sandbox_data import SandboxData, UpdatedFilter
 from sync.store import MirrorStore
 
+pytestmark = pytest.mark.usefixtures("walk_concurrency")
+
 T_OLD = "2020-01-01T00:00:00.000Z"
 
 

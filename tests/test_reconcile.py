@@ -15,6 +15,8 @@ from sync.sandbox import SandboxConfig, SandboxServer
 from sync.sandbox_data import SandboxData
 from sync.store import MirrorStore
 
+pytestmark = pytest.mark.usefixtures("walk_concurrency")
+
 
 @contextmanager
 def engine_for(settings: Settings) -> Iterator[SyncEngine]:
@@ -93,15 +95,12 @@ class TestReconcile:
         assert report.marked == 0
         assert deleted_ids(db_url) == set()
 
-    @pytest.mark.parametrize("concurrency", [1, 4])
     @pytest.mark.parametrize("order", ["id", "updated_asc", "updated_desc"])
-    def test_never_marks_a_live_row_while_upstream_changes(
-        self, db_url: str, order: str, concurrency: int
-    ) -> None:
+    def test_never_marks_a_live_row_while_upstream_changes(self, db_url: str, order: str) -> None:
         """Inserts, updates and deletes during the scan never get a live row marked deleted."""
         data = SandboxData.generate(("1",), 1500, seed=17)
         with SandboxServer(data, SandboxConfig(order=order)) as server:  # type: ignore[arg-type]
-            settings = make_settings(server, db_url, api={"concurrency": concurrency})
+            settings = make_settings(server, db_url)
             first_sync(settings)
             gone_before = set(data.delete("1", count=5))
             server.mutate_on_request("1", every=2, updates=2, inserts=1, deletes=1)

@@ -16,6 +16,8 @@ from sync.sandbox import SandboxServer
 from sync.sandbox_data import SandboxData
 from sync.store import MirrorStore
 
+pytestmark = pytest.mark.usefixtures("walk_concurrency")
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 

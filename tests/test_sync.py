@@ -30,7 +30,7 @@ from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxServer
 from sync.sandbox_data import SandboxData
 from sync.store import MirrorStore
 
-CONCURRENCY = [1, 4]
+pytestmark = pytest.mark.usefixtures("walk_concurrency")
 
 
 @contextmanager
@@ -58,12 +58,11 @@ def cursor_of(settings: Settings) -> object:
 
 
 class TestFullLoad:
-    @pytest.mark.parametrize("concurrency", CONCURRENCY)
     def test_mirror_equals_upstream_field_for_field(
-        self, sandbox: SandboxServer, db_url: str, concurrency: int
+        self, sandbox: SandboxServer, db_url: str
     ) -> None:
         """A first pass mirrors every row with exactly the upstream values, times in UTC."""
-        settings = make_settings(sandbox, db_url, api={"concurrency": concurrency})
+        settings = make_settings(sandbox, db_url)
         report = run_pass(settings)
         assert mirror_rows(db_url) == upstream_rows(sandbox)
         assert report.rows_fetched >= 1200
@@ -80,13 +79,12 @@ class TestFullLoad:
 
 
 class TestCursorBound:
-    @pytest.mark.parametrize("concurrency", CONCURRENCY)
     def test_the_server_clock_bounds_the_cursor_when_ours_runs_ahead(
-        self, sandbox: SandboxServer, db_url: str, concurrency: int
+        self, sandbox: SandboxServer, db_url: str
     ) -> None:
         """A row stamped in upstream's future cannot carry the cursor past upstream's Date."""
         sandbox.data.insert("1", updated_at=datetime.now(UTC) + timedelta(days=1))
-        settings = make_settings(sandbox, db_url, api={"concurrency": concurrency})
+        settings = make_settings(sandbox, db_url)
         store = MirrorStore.open(db_url)
         client = ContactsClient(settings.api, DEFAULT_TOKEN, RetryPolicy(3, 10))
         ahead = SyncEngine(
@@ -102,12 +100,9 @@ class TestCursorBound:
 
 
 class TestIncremental:
-    @pytest.mark.parametrize("concurrency", CONCURRENCY)
-    def test_fetches_only_changed_rows(
-        self, sandbox: SandboxServer, db_url: str, concurrency: int
-    ) -> None:
+    def test_fetches_only_changed_rows(self, sandbox: SandboxServer, db_url: str) -> None:
         """A pass after 150 upstream changes asks for those rows plus at most two pages more."""
-        settings = make_settings(sandbox, db_url, api={"concurrency": concurrency})
+        settings = make_settings(sandbox, db_url)
         run_pass(settings)
         sandbox.data.update("1", count=150)
         sandbox.clear_requests()
@@ -132,12 +127,11 @@ class TestIncremental:
         sent = sandbox.requests("1")[0].params["updated_at"]
         assert sent == "gt:" + expected.strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    @pytest.mark.parametrize("concurrency", CONCURRENCY)
     def test_rows_tied_across_a_page_boundary_are_kept(
-        self, sandbox: SandboxServer, db_url: str, concurrency: int
+        self, sandbox: SandboxServer, db_url: str
     ) -> None:
         """150 rows sharing one updated_at, split over two pages, all reach the mirror."""
-        settings = make_settings(sandbox, db_url, api={"concurrency": concurrency})
+        settings = make_settings(sandbox, db_url)
         run_pass(settings)
         tied = sandbox.data.update("1", count=150, same_stamp=True)
         run_pass(settings)
@@ -224,9 +218,8 @@ class TestFailures:
         assert cursor_of(settings) is not None
         assert mirror_rows(pg_url) == upstream_rows(sandbox)
 
-    @pytest.mark.parametrize("concurrency", CONCURRENCY)
     def test_bursts_of_transient_faults_are_survived(
-        self, sandbox: SandboxServer, db_url: str, concurrency: int
+        self, sandbox: SandboxServer, db_url: str
     ) -> None:
         """412, 429, 5xx, resets and malformed bodies, a burst per page, are all retried."""
         bursts = [("412", 2), ("429", 2), ("500", 1), ("502", 1), ("503", 1), ("reset", 2)]
@@ -248,7 +241,6 @@ class TestFailures:
         settings = make_settings(
             sandbox,
             db_url,
-            api={"concurrency": concurrency},
             retry={"max_attempts": 8, "max_elapsed_s": 60},
         )
         with engine_for(settings, BurstPerPage()) as engine:
@@ -306,15 +298,12 @@ class TestFailures:
 
 
 class TestChangingUpstream:
-    @pytest.mark.parametrize("concurrency", CONCURRENCY)
     @pytest.mark.parametrize("order", ["id", "updated_asc", "updated_desc"])
-    def test_untouched_rows_survive_a_mutating_pass(
-        self, db_url: str, order: str, concurrency: int
-    ) -> None:
+    def test_untouched_rows_survive_a_mutating_pass(self, db_url: str, order: str) -> None:
         """Rows changing while a pass pages never cost an untouched row; one more pass is exact."""
         data = SandboxData.generate(("1",), 1500, seed=5)
         with SandboxServer(data, SandboxConfig(order=order)) as server:  # type: ignore[arg-type]
-            settings = make_settings(server, db_url, api={"concurrency": concurrency})
+            settings = make_settings(server, db_url)
             mark = data.mark()
             before = upstream_rows(server)
             server.mutate_on_request("1", every=1, updates=1, inserts=1, deletes=1)
@@ -352,15 +341,14 @@ class TestChangingUpstream:
 
 
 class TestGroupedCommits:
-    @pytest.mark.parametrize("concurrency", [1, 4])
     def test_pages_that_arrive_while_storing_share_a_commit(
-        self, sandbox: SandboxServer, db_url: str, concurrency: int
+        self, sandbox: SandboxServer, db_url: str, walk_concurrency: int
     ) -> None:
         """Prefetched pages are committed in groups; one at a time, each page is its own."""
-        settings = make_settings(sandbox, db_url, api={"concurrency": concurrency})
+        settings = make_settings(sandbox, db_url)
         report = run_pass(settings, backfill=True)
         assert mirror_rows(db_url) == upstream_rows(sandbox)
-        if concurrency == 1:
+        if walk_concurrency == 1:
             assert report.commits == report.pages
         else:
             assert 1 <= report.commits < report.pages
