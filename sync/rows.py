@@ -248,7 +248,7 @@ def decode_usual_page(body: bytes) -> ParsedPage | None:
     """
     try:
         items = _USUAL_PAGE.decode(body)
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, UnicodeDecodeError):  # the latter: bytes that are not UTF-8
         return None
     if not items:
         return None

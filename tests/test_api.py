@@ -106,6 +106,18 @@ class TestRetries:
         assert page.size == 10
         assert retried == ["network"]
 
+    def test_a_body_that_is_not_utf8_is_malformed_and_retried(self, sandbox: SandboxServer) -> None:
+        """Bytes that are not UTF-8 inside a string make the page malformed JSON, retried."""
+        sandbox.data.put_raw(
+            "1", b'{"id": 5000, "updated_at": "2020-01-01T00:00:00Z", "name": "\xff"}'
+        )
+        with (
+            client_for(sandbox) as client,
+            pytest.raises(UpstreamUnavailable, match="not valid JSON"),
+        ):
+            client.fetch_page("1", offset=1150, limit=100, updated_after=None)
+        assert len(sandbox.requests()) == 4
+
     def test_auth_errors_are_not_retried(self, sandbox: SandboxServer) -> None:
         """A 401 is raised on the first answer."""
         settings = ApiSettings(base_url=sandbox.base_url, companies=["1"])
