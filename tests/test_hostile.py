@@ -294,6 +294,7 @@ class TestUpstreamRows:
             contact(205, plan="gold", tags=["a", "b"], nested={"x": [1, {"y": None}]}),
             {"id": 206, "updated_at": T_OLD},
             contact(207, client_id=None, email=None, name=None, surname=None),
+            contact(209, big=123456789012345678901234567890, small=-(2**70)),
         ]
         for item in served:
             small.data.put_raw("1", item)
@@ -303,7 +304,7 @@ class TestUpstreamRows:
         report = run_pass(make_settings(small, db_url, api={"page_size": 10}))
         assert report.quarantined == 0
         rows = mirror_rows(db_url)
-        assert len(rows) == 25 + 8
+        assert len(rows) == 25 + 9
         assert rows[201]["updated_at"] == "2025-01-01T09:30:00.123+00:00"
         assert rows[202]["updated_at"] == "2025-01-01T12:30:00.000+00:00"
         assert rows[203]["updated_at"] == "2025-01-01T00:00:00.500+00:00"
@@ -318,6 +319,7 @@ class TestUpstreamRows:
         assert (rows[206]["email"], rows[206]["extra"]) == (None, None)
         assert (rows[207]["client_id"], rows[207]["name"]) == (None, None)
         assert rows[208]["extra"] == {"score": None, "top": None}
+        assert rows[209]["extra"] == {"big": 123456789012345678901234567890, "small": -(2**70)}
 
     def test_duplicate_ids_keep_the_newest_within_and_across_pages(
         self, small: SandboxServer, sqlite_url: str
