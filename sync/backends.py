@@ -372,10 +372,11 @@ class _PostgresBackend(Backend):
             with self._errors("open"):
                 # Autocommit: holding the session-level lock leaves no transaction idle.
                 conn.execution_options(isolation_level="AUTOCOMMIT")
-                acquired = conn.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key})
+                acquired, holder = conn.execute(
+                    text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"), {"key": key}
+                ).one()
             if not acquired:
                 raise CompanyLocked(company_id)
-            holder = conn.scalar(text("SELECT pg_backend_pid()"))
 
             def still_held(write: Connection) -> None:
                 # A session lock lasts as long as its session: checked from the committing
