@@ -107,12 +107,25 @@ class ContactsClient:
         self._http.close()
 
     def fetch_page(
-        self, company_id: str, *, offset: int, limit: int, updated_after: datetime | None
+        self,
+        company_id: str,
+        *,
+        offset: int,
+        limit: int,
+        updated_after: datetime | None,
+        updated_before: datetime | None = None,
     ) -> Page:
-        """One page, retried per the policy; raises a typed error when it cannot be had."""
+        """One page, retried per the policy; raises a typed error when it cannot be had.
+
+        The endpoint takes one `updated_at` filter: `gt:` (after) or `lt:` (before).
+        """
         params: dict[str, str | int] = {"limit": limit, "offset": offset}
+        if updated_after is not None and updated_before is not None:
+            raise ValueError("the endpoint takes one updated_at filter, not two")
         if updated_after is not None:
             params["updated_at"] = f"gt:{format_filter_time(updated_after)}"
+        elif updated_before is not None:
+            params["updated_at"] = f"lt:{format_filter_time(updated_before)}"
         if self._settings.client_id is not None:
             params["client_id"] = self._settings.client_id
         headers = {self._settings.company_header: company_id}

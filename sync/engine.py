@@ -29,7 +29,7 @@ from sync.errors import (
     exit_code_for,
 )
 from sync.log import get_logger, redactor
-from sync.paging import PageStep, WalkStats, walk_pages
+from sync.paging import Bound, Fetch, PageStep, WalkStats, walk_pages
 from sync.retry import RetryPolicy
 from sync.rows import ContactRow, RowKey
 from sync.store import Checkpoint, MirrorStore, PageWriter
@@ -304,13 +304,13 @@ class SyncEngine:
         stats = WalkStats()
         keys: set[RowKey] = set()
         server_began = None
-
-        def fetch(offset: int) -> Page:
-            return self._client.fetch_page(
-                company_id, offset=offset, limit=api.page_size, updated_after=since
-            )
-
-        steps = walk_pages(fetch, limit=api.page_size, concurrency=api.concurrency, stats=stats)
+        steps = walk_pages(
+            self._fetcher(company_id, since),
+            limit=api.page_size,
+            concurrency=api.concurrency,
+            stats=stats,
+            fresh_after=self._clock(),
+        )
         with self._store.page_writer(company_id) as writer:
             for step in steps:
                 parsed = step.page.parsed
@@ -324,6 +324,26 @@ class SyncEngine:
         report.scanned += len(keys)
         report.requests += stats.requests
         return keys, server_began
+
+    def _fetcher(self, company_id: str, since: datetime | None) -> Fetch:
+        """The walk's fetch: the pass's `gt:` filter, or for one request the walk's own bound."""
+        client = self._client
+
+        def fetch(offset: int, limit: int, bound: Bound | None = None, /) -> Page:
+            if bound is None:
+                return client.fetch_page(
+                    company_id, offset=offset, limit=limit, updated_after=since
+                )
+            op, moment = bound
+            return client.fetch_page(
+                company_id,
+                offset=offset,
+                limit=limit,
+                updated_after=moment if op == "gt" else None,
+                updated_before=moment if op == "lt" else None,
+            )
+
+        return fetch
 
     def _record_failure(self, company_id: str, exc: SyncError) -> None:
         log.error("pass.failed", company_id=company_id, error=exc.message, exit_code=exc.exit_code)
@@ -397,20 +417,16 @@ class SyncEngine:
         pages = checkpoint.pages if checkpoint else 0
         rows = checkpoint.rows if checkpoint else 0
         stats = WalkStats()
-
-        def fetch(offset: int) -> Page:
-            return self._client.fetch_page(
-                company_id, offset=offset, limit=api.page_size, updated_after=filter_since
-            )
-
+        off_seen: set[RowKey] = set()
         steps = walk_pages(
-            fetch,
+            self._fetcher(company_id, filter_since),
             limit=api.page_size,
             concurrency=api.concurrency,
             start_offset=checkpoint.next_offset if checkpoint else 0,
             anchors=checkpoint.anchors if checkpoint else (),
             stats=stats,
             throttled=lambda: self._retries["429"],
+            fresh_after=pass_began,
         )
         with self._store.page_writer(company_id) as writer:
             for step in steps:
@@ -438,13 +454,14 @@ class SyncEngine:
                 report.pages += 1
                 report.rows_fetched += len(parsed.rows)
                 report.quarantined += len(parsed.rejected)
-                off_filter = _off_filter(parsed.rows, filter_since, api.client_id)
+                off_filter = _off_filter(parsed.rows, filter_since, api.client_id) - off_seen
                 if off_filter:
-                    report.off_filter += off_filter
+                    off_seen |= off_filter
+                    report.off_filter += len(off_filter)
                     log.warning(
                         "rows.off_filter",
                         company_id=company_id,
-                        count=off_filter,
+                        count=len(off_filter),
                         filter_since=filter_since.isoformat() if filter_since else None,
                         client_id=api.client_id,
                         hint="upstream may have changed its filter semantics; the rows were stored",
@@ -485,16 +502,16 @@ def _commit_unless_more_ready(writer: PageWriter, step: PageStep) -> None:
 
 def _off_filter(
     rows: Sequence[ContactRow], filter_since: datetime | None, client_id: int | None
-) -> int:
-    """How many rows the filter sent should have excluded."""
+) -> set[RowKey]:
+    """The rows the filter sent should have excluded (pages overlap: counted once by key)."""
     if filter_since is None and client_id is None:
-        return 0
-    return sum(
-        1
+        return set()
+    return {
+        row.key
         for row in rows
         if (filter_since is not None and row.updated_at <= filter_since)
         or (client_id is not None and row.client_id != client_id)
-    )
+    }
 
 
 def _resumable(checkpoint: Checkpoint, mode: str, filter_since: datetime | None) -> bool:

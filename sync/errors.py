@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "DatabaseError",
     "MalformedResponse",
+    "OffsetLimitReached",
     "PagingUnstable",
     "PassInterrupted",
     "PreconditionFailed",
@@ -30,6 +31,7 @@ __all__ = [
     "SyncError",
     "TransientUpstreamError",
     "TransportFailure",
+    "UnstableOrder",
     "UpstreamError",
     "UpstreamUnavailable",
     "ValidationFailure",
@@ -237,7 +239,26 @@ class MalformedResponse(TransientUpstreamError):
 
 
 class PagingUnstable(UpstreamUnavailable):
-    """Rows moved between offsets faster than paging could realign on them."""
+    """Paging could not be exact: rows moved between offsets faster than it could realign on
+    them, or the walk stopped making progress; the cursor stays where it was."""
+
+
+class UnstableOrder(PagingUnstable):
+    """Upstream served rows read before in another relative order: its order is not stable
+    between requests, so an offset walk over that region cannot be trusted."""
+
+
+class OffsetLimitReached(RequestRejected):
+    """Upstream will not page past some offset: it refuses it (400) or serves earlier rows."""
+
+    def __init__(self, offset: int, what: str) -> None:
+        super().__init__(
+            f"Upstream {what} at offset {offset}, so the list cannot be read past it; narrow "
+            "what one pass reads (api.client_id, or backfill --since in steps) or ask the "
+            "provider to lift the limit (the cursor was not moved).",
+            status=400,
+        )
+        self.offset = offset
 
 
 _REASONS: dict[type[TransientUpstreamError], str] = {

@@ -1,46 +1,66 @@
-"""Walking offsets over a live, unordered list without losing rows.
+"""Walking offsets over a live, unordered list without losing rows, or failing loudly.
 
 Each page is requested so that it overlaps the previous one, and is accepted only once it is
-*aligned*: it contains a row already read, unchanged (same id and updated_at). Unchanged rows
-keep their relative order whatever the server orders by, so every unread unchanged row lies
-after that anchor. When no anchor is found, rows shifted backwards by more than the overlap:
-the walk steps back a page and looks again; the overlap widens after a shift and narrows again
-while nothing moves, so a quiet list costs one row per page. Pages are prefetched concurrently
-at predicted offsets; a misaligned page discards the prefetched ones.
+*aligned*: it contains an item already read, unchanged (the same id and updated_at, or for an
+item that cannot be parsed the same JSON). On a server whose order is stable between requests,
+unchanged rows keep their relative order whatever it orders by, so every unread unchanged row
+lies after that anchor. When no anchor is found, rows shifted backwards by more than the
+overlap: the walk steps back a page and looks again; the overlap widens after a shift and
+narrows again while nothing moves, so a quiet list costs one row per page.
 
-How many are in flight while a page is stored adapts: the window doubles per full page (slow
-start) up to what the latency needs to keep storing busy (fetch time over store time), so a
-fast server is not flooded with fetches that only fight the storing thread for the GIL, and it
-halves whenever the server rate-limited a request (429), growing back by one after a quiet
-spell. It never exceeds `concurrency`.
+What a real server may do besides, and what the walk does about it:
+
+- pages shorter than `limit` (a cap of the server's own, a page trimmed after filtering) are
+  no end: the walk goes on from the last item served, and only an answer that brings nothing
+  new (nothing but rows updated after the walk began) and no more than the overlap, or
+  less than the pages this server has served, ends it: one request more than a walk that
+  trusts a short page;
+- a server that refuses offsets past some limit (400 naming `offset`) or serves earlier rows
+  again for them stops the walk with OffsetLimitReached: three pages in a row that bring
+  nothing new are a walk that makes no progress;
+- rows read before that come back in another relative order are an order that is not stable
+  between requests: where the order is by `updated_at` that is rows sharing one stamp, read
+  exactly by `sync.ties`; anywhere else the walk fails with UnstableOrder;
+- every walk has a bound on requests relative to the pages that brought new rows.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from time import perf_counter
+from typing import Protocol
 
 from sync.api import Page
-from sync.errors import PagingUnstable
+from sync.errors import OffsetLimitReached, PagingUnstable, RequestRejected, UnstableOrder
+from sync.prefetch import Prefetcher, Window
 from sync.rows import RowKey
+from sync.ties import (
+    Bound,
+    GroupEnd,
+    OrderEvidence,
+    find_group_end,
+    group_bound,
+    read_tie_group,
+)
 
-__all__ = ["PageStep", "WalkStats", "walk_pages"]
+__all__ = ["Bound", "Fetch", "PageStep", "WalkStats", "walk_pages"]
 
 _QUIET_PAGES_BEFORE_NARROWING = 5
 _RESUME_ANCHORS = 16
 """Keys a checkpoint keeps: the page's last rows, where a resumed walk overlaps it. More only
 cost time on every commit (they are saved with it); if all of them changed meanwhile, the
 resumed walk steps back until it finds its place, as after any shift it cannot absorb."""
-_QUIET_PAGES_BEFORE_SPEEDING_UP = 8
-"""Pages without a 429 before a throttled walk allows one more fetch in flight."""
-_SMOOTHING = 0.25
-"""Weight of the newest sample in the moving averages of fetch and store times."""
+_STALLED_PAGES = 3
+"""Pages in a row that bring nothing new before the walk calls it no progress."""
+
+
+class Fetch(Protocol):
+    """One page of the walked list; `bound` replaces its `updated_at` filter for one request."""
+
+    def __call__(self, offset: int, limit: int, bound: Bound | None = None, /) -> Page: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,77 +86,121 @@ class WalkStats:
     """Times the window was halved because the server rate-limited a request."""
     window: int = 1
     overlap: int = 1
+    tie_groups: int = 0
+    """Groups of rows sharing one updated_at read on a list of their own."""
+    tie_requests: int = 0
 
 
-def _anchor_position(keys: Sequence[RowKey | None], anchors: dict[int, datetime]) -> int | None:
-    """The last position in the page holding an unchanged row read before, if any.
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """What one page holds relative to the page read before it."""
 
-    Anchors map id -> updated_at: looking up an int and comparing one timestamp is several
-    times cheaper than hashing (id, updated_at) pairs, and a quiet page is scanned whole.
-    """
-    read = anchors.get
-    for position in range(len(keys) - 1, -1, -1):
-        key = keys[position]
-        if key is not None and read(key[0]) == key[1]:
-            return position
-    return None
+    anchor: int | None
+    """The last position holding an item read before, unchanged."""
+    anchor_was: int | None
+    """Where that item stood in the page read before."""
+    unseen: int
+    """Items not read before: new rows, or rows changed since."""
+    unseen_old: int
+    """Of those, the ones not updated after the walk began: rows the walk must read."""
+    tied_unseen: int
+    """Unseen rows sharing the stamp of the last row read before (a tie group goes on)."""
+    reordered: bool
+    """Two unchanged rows with different stamps came back in the other order."""
 
 
-def _realignment_budget(aligned_pages: int, resumed_from: int, limit: int) -> int:
+def _never_ready(timeout: float) -> bool:
+    return False
+
+
+def _realignment_budget(aligned_pages: int, resumed_from: int, page: int) -> int:
     """How many step-backs a walk may make before it gives up (leaving the cursor alone).
 
     A resumed walk whose anchors all changed may step back all the way to offset 0.
     """
-    return 10 + aligned_pages // 2 + math.ceil(resumed_from / max(1, limit - 1))
+    return 10 + aligned_pages // 2 + math.ceil(resumed_from / max(1, page - 1))
 
 
 class _Alignment:
     """What the walk has read, and how much the next page must overlap it to find it again."""
 
     def __init__(self, limit: int, start_offset: int, anchors: Sequence[RowKey]) -> None:
-        self.history: dict[int, datetime] = dict(anchors)
+        self.history: dict[int, tuple[datetime, int]] = {
+            contact_id: (stamp, index) for index, (contact_id, stamp) in enumerate(anchors)
+        }
+        self.broken: dict[bytes, int] = {}
         self._last_keys: list[RowKey] = list(anchors)
+        self.prev_offset = start_offset - max(0, len(anchors) - 1)
         self.prev_end: int | None = start_offset if anchors else None
-        self.last_anchor_at: int | None = start_offset if anchors else None
-        """Offset of the last valid row read: the next page must start at or before it."""
+        self.last_valid_at: int | None = self.prev_end
+        """Offset of the last parseable row read: where a resumed walk finds its anchors."""
+        self.tail_stamp: datetime | None = anchors[-1][1] if anchors else None
         self.overlap = 1
         self.aligned_pages = 0
-        self._max_overlap = max(1, limit // 2)
+        self.max_overlap = max(1, limit // 2)
+        """Half a page as this server serves them: the rest of a page must be new rows."""
         self._quiet = 0
 
     @property
     def resume_offset(self) -> int:
-        if self.prev_end is None:
-            return 0
-        start = self.prev_end - self.overlap + 1
-        if self.last_anchor_at is not None:
-            start = min(start, self.last_anchor_at)
-        return max(0, start)
+        """Where the walk goes on: `overlap` items before the end of what it read."""
+        return 0 if self.prev_end is None else max(0, self.prev_end - self.overlap + 1)
+
+    @property
+    def checkpoint_offset(self) -> int:
+        """Where a resumed walk starts: no later than the last row its anchors hold."""
+        if self.last_valid_at is None:
+            return self.resume_offset
+        return min(self.resume_offset, self.last_valid_at)
 
     @property
     def anchors(self) -> list[RowKey]:
         """What a checkpoint keeps to resume from: the last rows read, in page order."""
         return self._last_keys[-_RESUME_ANCHORS:]
 
-    def locate(self, page: Page, offset: int, stats: WalkStats) -> bool:
-        """Whether the page is aligned; a backward shift it absorbed widens the overlap."""
-        if not self.history or offset == 0:
-            return True
-        position = _anchor_position(page.parsed.keys, self.history)
-        if position is None:
-            return False
-        if self.last_anchor_at is not None:
-            # The last anchor in the page is the last valid row read, wherever the page that
-            # held it ended (after it, only broken items may have been served).
-            shift = position - (self.last_anchor_at - offset)
-            if shift < 0:
-                stats.shifts_absorbed += 1
-                self.overlap = min(self._max_overlap, max(self.overlap, 1 - shift))
-                self._quiet = 0
-        return True
+    def scan(self, page: Page, fresh_after: datetime | None) -> _Scan:
+        """One pass over the page: its anchor, what it brings, whether order held."""
+        read = self.history.get
+        broken = page.parsed.broken_items()
+        tail = self.tail_stamp
+        anchor = anchor_was = None
+        unseen = tied = fresh = 0
+        reordered = False
+        last_index, last_stamp = -1, None
+        for position, key in enumerate(page.parsed.keys):
+            if key is None:
+                was = self.broken.get(broken[position])
+                if was is None:
+                    unseen += 1
+                else:
+                    anchor, anchor_was = position, was
+                continue
+            seen = read(key[0])
+            if seen is None or seen[0] != key[1]:
+                unseen += 1
+                if key[1] == tail:
+                    tied += 1
+                if fresh_after is not None and key[1] > fresh_after:
+                    fresh += 1
+                continue
+            if seen[1] < last_index and seen[0] != last_stamp:
+                reordered = True
+            anchor, anchor_was = position, seen[1]
+            last_index, last_stamp = seen[1], seen[0]
+        return _Scan(anchor, anchor_was, unseen, unseen - fresh, tied, reordered)
+
+    def absorb(self, scan: _Scan, offset: int, stats: WalkStats) -> None:
+        """An anchor found earlier than it stood means rows moved back: widen the overlap."""
+        if scan.anchor is None or scan.anchor_was is None:
+            return
+        shift = scan.anchor - (self.prev_offset + scan.anchor_was - offset)
+        if shift < 0:
+            stats.shifts_absorbed += 1
+            self.overlap = min(self.max_overlap, max(self.overlap, 1 - shift))
+            self._quiet = 0
 
     def widen(self) -> None:
-        self.overlap = min(self._max_overlap, self.overlap * 2)
+        self.overlap = min(self.max_overlap, self.overlap * 2)
         self._quiet = 0
 
     def accept(self, page: Page, offset: int) -> None:
@@ -146,169 +210,222 @@ class _Alignment:
         if self._quiet >= _QUIET_PAGES_BEFORE_NARROWING and self.overlap > 1:
             self.overlap = max(1, self.overlap // 2)
             self._quiet = 0
-        # Only valid rows can anchor: after a run of broken items at the end of a page, the
-        # next page starts back at the last valid one; a page with none anchors nothing.
-        keys = [k for k in page.parsed.keys if k is not None]
-        self.history = dict(keys)
-        self._last_keys = keys
-        last_valid = next(
-            (i for i in range(page.size - 1, -1, -1) if page.parsed.keys[i] is not None), None
-        )
-        if not last_valid:
-            # No valid row past the page's first: anchoring there would never move on.
-            self.history, self._last_keys, self.last_anchor_at = {}, [], None
-        else:
-            self.last_anchor_at = offset + last_valid
-        self.prev_end = offset + page.size - 1
+        keys = page.parsed.keys
+        self.history = {key[0]: (key[1], i) for i, key in enumerate(keys) if key is not None}
+        self.broken = {digest: i for i, digest in page.parsed.broken_items().items()}
+        valid = [key for key in keys if key is not None]
+        if valid:
+            self._last_keys = valid
+            self.tail_stamp = valid[-1][1]
+            last = next(i for i in range(len(keys) - 1, -1, -1) if keys[i] is not None)
+            self.last_valid_at = offset + last
+        if page.size:
+            self.prev_offset = offset
+            self.prev_end = offset + page.size - 1
 
 
-class _Prefetcher:
-    """Keeps fetches in flight at predicted offsets and hands them back in order.
+class _Walk:
+    """One walk's state: alignment, prefetching, what the server's pages look like."""
 
-    With concurrency 1 there is no thread pool: each fetch runs when it is asked for.
-    `fetch_s` is a moving average of how long one fetch takes, the walk's first one (a cold
-    connection, a cold server) left out.
-    """
-
-    def __init__(self, fetch: Callable[[int], Page], concurrency: int, stats: WalkStats) -> None:
-        self._fetch = fetch
-        self._stats = stats
-        self._pool = ThreadPoolExecutor(max_workers=concurrency) if concurrency > 1 else None
-        self._pending: deque[tuple[int, Future[tuple[Page, float]]]] = deque()
-        self._next_offset = 0
-        self._timed = 0
-        self.fetch_s: float | None = None
-        self.waited_s = 0.0
-        """Time the consumer spent in `next_ready`: waiting, not storing."""
+    def __init__(
+        self,
+        fetch: Fetch,
+        *,
+        limit: int,
+        concurrency: int,
+        start_offset: int,
+        anchors: Sequence[RowKey],
+        stats: WalkStats,
+        throttled: Callable[[], int] | None,
+        fresh_after: datetime | None,
+    ) -> None:
+        self.fetch = fetch
+        self.fresh_after = fresh_after
+        self.limit = limit
+        self.start_offset = start_offset
+        self.stats = stats
+        self.alignment = _Alignment(limit, start_offset, anchors)
+        self.prefetcher = Prefetcher(lambda offset: fetch(offset, limit), concurrency, stats)
+        self.prefetcher.restart_at(start_offset)
+        self.window = Window(concurrency, throttled)
+        self.order = OrderEvidence()
+        self.resolved: set[datetime] = set()
+        self.served = 0
+        """The largest page this server has served in this walk: its page size, as learnt."""
+        self.stalled = 0
+        self.progressed = 0
 
     @property
-    def idle(self) -> bool:
-        return not self._pending
+    def page_size(self) -> int:
+        return self.served or self.limit
 
-    def next_ready(self, timeout: float) -> bool:
-        if not self._pending:
-            return False
-        future = self._pending[0][1]
-        if future.done():
-            return True
-        started = perf_counter()
+    def take(self) -> tuple[int, Page]:
         try:
-            future.exception(timeout=timeout)
-        except FutureTimeout:
-            return False
-        finally:
-            self.waited_s += perf_counter() - started
-        return True
-
-    @property
-    def upcoming(self) -> int:
-        """The offset of the next page it will hand back."""
-        return self._pending[0][0] if self._pending else self._next_offset
-
-    def restart_at(self, offset: int) -> None:
-        self.discard()
-        self._next_offset = offset
-
-    def take(self, window: int, step: int) -> tuple[int, Page]:
-        """The next page in order; `window` more fetches are in flight while it is stored.
-
-        Without a pool (concurrency 1) nothing is fetched ahead: each fetch runs here.
-        """
-        if not self._pending:
-            self._fetch_next(step)
-        offset, future = self._pending.popleft()
-        while self._pool is not None and len(self._pending) < window:
-            self._fetch_next(step)
-        page, seconds = future.result()
-        self._timed += 1
-        if self._timed > 1:
-            self.fetch_s = _average(self.fetch_s, seconds)
+            offset, page = self.prefetcher.take(
+                self.window.size, max(1, self.page_size - self.alignment.overlap)
+            )
+        except RequestRejected as exc:
+            if any(failure.field == "offset" for failure in exc.failures):
+                raise OffsetLimitReached(self.prefetcher.taking, "refused the offset") from exc
+            raise
+        self.stats.requests += 1
+        self._check_budget()
+        self.window.check_throttling(self.stats)
         return offset, page
 
-    def _fetch_next(self, step: int) -> None:
-        self._pending.append((self._next_offset, self._submit(self._next_offset)))
-        self._next_offset += step
+    def _check_budget(self) -> None:
+        """No walk loops: its requests stay within a bound of the pages that brought rows."""
+        stats = self.stats
+        budget = _realignment_budget(self.alignment.aligned_pages, self.start_offset, self.limit)
+        if stats.requests - stats.tie_requests > 20 + 3 * self.progressed + budget:
+            raise PagingUnstable(
+                f"Paging made {stats.requests} requests for {self.progressed} pages that brought "
+                "new rows; run again later, and report it upstream if it persists "
+                "(the cursor was not moved)."
+            )
 
-    def _timed_fetch(self, offset: int) -> tuple[Page, float]:
-        started = perf_counter()
-        page = self._fetch(offset)
-        return page, perf_counter() - started
+    def steps(self) -> Iterator[PageStep]:
+        while True:
+            offset, page = self.take()
+            alignment = self.alignment
+            scan = alignment.scan(page, self.fresh_after)
+            self.order.observe(page.parsed.keys)
+            tail = alignment.tail_stamp
+            direction = self.order.direction
+            if scan.tied_unseen and direction and tail is not None and tail not in self.resolved:
+                if (yield from self._read_tie_group(offset, page, tail)):
+                    return
+                continue
+            if scan.reordered:
+                raise UnstableOrder(
+                    f"Upstream returned rows it had served before in another order at offset "
+                    f"{offset}, so its order is not stable between requests and paging cannot "
+                    "be exact; ask the provider to sort by a unique key (the cursor was not moved)."
+                )
+            aligned = (not alignment.history and not alignment.broken) or offset == 0
+            if not aligned and scan.anchor is None:
+                yield self._realign(offset, page)
+                continue
+            alignment.absorb(scan, offset, self.stats)
+            last = scan.unseen_old == 0 and page.size < max(self.served, alignment.overlap + 1)
+            if last:
+                self.prefetcher.discard()
+            else:
+                self._count_progress(scan, offset)
+            yield from self._accept(offset, page, last)
+            if last:
+                return
 
-    def _submit(self, offset: int) -> Future[tuple[Page, float]]:
-        if self._pool is not None:
-            return self._pool.submit(self._timed_fetch, offset)
-        future: Future[tuple[Page, float]] = Future()
-        try:
-            future.set_result(self._timed_fetch(offset))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
-
-    def discard(self) -> None:
-        while self._pending:
-            _, future = self._pending.popleft()
-            if not future.cancel():
-                self._stats.discarded += 1
-
-    def close(self) -> None:
-        self.discard()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _average(average: float | None, sample: float) -> float:
-    return sample if average is None else average + _SMOOTHING * (sample - average)
-
-
-class _Window:
-    """How many fetches to keep in flight: enough to hide their latency, fewer when throttled.
-
-    `size` fetches run while the consumer stores a page; keeping it busy takes about fetch
-    time / store time of them, and no more: at the end of the list every one of them is a
-    request spent past the last page. `ceiling` is `concurrency`, halved by every 429 seen and
-    raised by one again after each quiet spell.
-    """
-
-    def __init__(self, concurrency: int, throttled: Callable[[], int] | None) -> None:
-        self.size = 0
-        """Nothing ahead until a first full page shows that requests work."""
-        self._concurrency = concurrency
-        self._ceiling = concurrency
-        self._throttled = throttled
-        self._throttles_seen = throttled() if throttled is not None else 0
-        self._quiet = 0
-        self.store_s: float | None = None
-
-    def stored(self, seconds: float) -> None:
-        self.store_s = _average(self.store_s, seconds)
-
-    def check_throttling(self, stats: WalkStats) -> None:
-        """Halve the window if the server rate-limited a request since the last page."""
-        if self._throttled is None:
+    def _count_progress(self, scan: _Scan, offset: int) -> None:
+        if scan.unseen:
+            self.stalled = 0
+            self.progressed += 1
             return
-        seen = self._throttled()
-        if seen > self._throttles_seen:
-            self._throttles_seen = seen
-            self._ceiling = min(self._ceiling, self.size) // 2  # 0: one request at a time
-            self.size = min(self.size, self._ceiling)
-            self._quiet = 0
-            stats.throttled += 1
-        elif self._ceiling < self._concurrency:
-            self._quiet += 1
-            if self._quiet >= _QUIET_PAGES_BEFORE_SPEEDING_UP:
-                self._ceiling += 1
-                self._quiet = 0
+        self.stalled += 1
+        if self.stalled >= _STALLED_PAGES:
+            raise OffsetLimitReached(offset, "served only rows it had served before")
 
-    def grow(self, fetch_s: float | None) -> None:
-        """After a full aligned page: double (slow start), up to what the latency needs."""
-        target = self._ceiling
-        if fetch_s is not None and self.store_s is not None:
-            target = min(target, max(1, math.ceil(fetch_s / max(self.store_s, 1e-4))))
-        self.size = min(target, max(1, self.size * 2))
+    def _realign(self, offset: int, page: Page) -> PageStep:
+        """No anchor: rows moved back past the overlap. Step back a page and look again."""
+        stats = self.stats
+        stats.realignments += 1
+        budget = _realignment_budget(self.alignment.aligned_pages, self.start_offset, self.limit)
+        if stats.realignments > budget:
+            raise PagingUnstable(
+                "Upstream rows moved between pages faster than paging could realign; "
+                "run again when upstream is quieter (the cursor was not moved)."
+            )
+        self.alignment.widen()
+        self.prefetcher.restart_at(max(0, offset - (self.page_size - 1)))
+        self.window.size = 0
+        return PageStep(
+            page,
+            False,
+            self.alignment.checkpoint_offset,
+            self.alignment.anchors,
+            False,
+            self.prefetcher.next_ready,
+        )
+
+    def _accept(self, offset: int, page: Page, last: bool) -> Iterator[PageStep]:
+        alignment, prefetcher = self.alignment, self.prefetcher
+        alignment.accept(page, offset)
+        if page.size > self.served:
+            self.served = page.size
+            alignment.max_overlap = max(1, page.size // 2)
+        if not last:
+            self.window.grow(prefetcher.fetch_s)
+            end = alignment.prev_end
+            if prefetcher.idle or (end is not None and prefetcher.upcoming > end):
+                prefetcher.restart_at(alignment.resume_offset)
+        self.stats.window, self.stats.overlap = self.window.size, alignment.overlap
+        handed_over = perf_counter() - prefetcher.waited_s
+        yield PageStep(
+            page,
+            True,
+            alignment.checkpoint_offset,
+            alignment.anchors,
+            last,
+            prefetcher.next_ready,
+        )
+        if not last:
+            self.window.stored(perf_counter() - prefetcher.waited_s - handed_over)
+
+    def _read_tie_group(
+        self, offset: int, page: Page, stamp: datetime
+    ) -> Generator[PageStep, None, bool]:
+        """A group of rows sharing `stamp` goes on past the page read before: read it whole on
+        a list of its own, then go on past its end in this list; True when the list ends there.
+
+        Every page read meanwhile is stored with the checkpoint from before the group, so a
+        walk killed in between reads the group again.
+        """
+        stats, alignment = self.stats, self.alignment
+        direction = self.order.direction
+        assert direction is not None
+        self.prefetcher.discard()
+        stats.tie_groups += 1
+        before = alignment.checkpoint_offset, alignment.anchors
+
+        def held(read: Page) -> PageStep:
+            return PageStep(read, False, before[0], before[1], False, _never_ready)
+
+        yield held(page)
+        bound = group_bound(stamp, direction)
+        for read in read_tie_group(
+            lambda at, limit: self.fetch(at, limit, bound), stamp, direction, limit=self.limit
+        ):
+            stats.requests += 1
+            stats.tie_requests += 1
+            yield held(read)
+        self.resolved.add(stamp)
+        inside = max(i for i, key in enumerate(page.parsed.keys) if key and key[1] == stamp)
+        end: GroupEnd | None = None
+        for found in find_group_end(
+            self.fetch,
+            stamp,
+            direction,
+            known_inside=offset + inside,
+            limit=self.limit,
+        ):
+            if isinstance(found, GroupEnd):
+                end = found
+            else:
+                stats.requests += 1
+                stats.tie_requests += 1
+                yield held(found)
+        assert end is not None
+        stats.requests += 1
+        stats.tie_requests += 1
+        last = end.past is None
+        if not last:
+            self.progressed += 1
+        yield from self._accept(end.offset, end.page, last)
+        return last
 
 
 def walk_pages(
-    fetch: Callable[[int], Page],
+    fetch: Fetch,
     *,
     limit: int,
     concurrency: int = 1,
@@ -316,61 +433,32 @@ def walk_pages(
     anchors: Sequence[RowKey] = (),
     stats: WalkStats | None = None,
     throttled: Callable[[], int] | None = None,
+    fresh_after: datetime | None = None,
 ) -> Iterator[PageStep]:
     """Yield every page needed to read the whole (filtered) list once, in order.
 
-    `fetch(offset)` returns the page at that offset. Resuming takes the `next_offset` and
-    `anchors` of the last stored step. `throttled()`, if given, counts the requests the server
-    has rate-limited so far (it may be called from any thread's results); the walk keeps fewer
-    fetches in flight each time it grows. Raises PagingUnstable when the list moves faster
-    than the walk can realign.
+    `fetch(offset, limit, bound)` returns the page at that offset. Resuming takes the
+    `next_offset` and `anchors` of the last stored step. `throttled()`, if given, counts the
+    requests the server has rate-limited so far (it may be called from any thread's results);
+    the walk keeps fewer fetches in flight each time it grows. Raises PagingUnstable (or
+    UnstableOrder) when the list moves faster than the walk can realign or its order is not
+    stable, OffsetLimitReached when the server will not page further.
+
+    `fresh_after` is when the walk began: rows updated later need not be read (they are the
+    next pass's), so a short page that brings only such rows ends the walk too, instead of
+    chasing a list that grows as fast as it is read.
     """
-    stats = stats if stats is not None else WalkStats()
-    alignment = _Alignment(limit, start_offset, anchors)
-    prefetcher = _Prefetcher(fetch, concurrency, stats)
-    prefetcher.restart_at(start_offset)
-    window = _Window(concurrency, throttled)
+    walk = _Walk(
+        fetch,
+        limit=limit,
+        concurrency=concurrency,
+        start_offset=start_offset,
+        anchors=anchors,
+        stats=stats if stats is not None else WalkStats(),
+        throttled=throttled,
+        fresh_after=fresh_after,
+    )
     try:
-        while True:
-            offset, page = prefetcher.take(window.size, limit - alignment.overlap)
-            stats.requests += 1
-            window.check_throttling(stats)
-            if not alignment.locate(page, offset, stats):
-                stats.realignments += 1
-                budget = _realignment_budget(alignment.aligned_pages, start_offset, limit)
-                if stats.realignments > budget:
-                    raise PagingUnstable(
-                        "Upstream rows moved between pages faster than paging could realign; "
-                        "run again when upstream is quieter (the cursor was not moved)."
-                    )
-                alignment.widen()
-                prefetcher.restart_at(max(0, offset - (limit - 1)))
-                window.size = 0
-                yield PageStep(
-                    page,
-                    False,
-                    alignment.resume_offset,
-                    alignment.anchors,
-                    False,
-                    prefetcher.next_ready,
-                )
-                continue
-            alignment.accept(page, offset)
-            last = page.size < limit
-            if last:
-                prefetcher.discard()
-            else:
-                window.grow(prefetcher.fetch_s)
-                anchor_at = alignment.last_anchor_at
-                if prefetcher.idle or (anchor_at is not None and prefetcher.upcoming > anchor_at):
-                    prefetcher.restart_at(alignment.resume_offset)
-            stats.window, stats.overlap = window.size, alignment.overlap
-            handed_over = perf_counter() - prefetcher.waited_s
-            yield PageStep(
-                page, True, alignment.resume_offset, alignment.anchors, last, prefetcher.next_ready
-            )
-            if last:
-                return
-            window.stored(perf_counter() - prefetcher.waited_s - handed_over)
+        yield from walk.steps()
     finally:
-        prefetcher.close()
+        walk.prefetcher.close()

@@ -5,6 +5,7 @@ Kept apart from the HTTP client so that the rules for a good row live in one pla
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -80,6 +81,12 @@ class RejectedRow:
     reason: str
     contact_id: int | None
 
+    @property
+    def identity(self) -> bytes:
+        """What was served, as a digest: the same broken item again has the same one."""
+        text = repr(self.payload).encode("utf-8", "surrogatepass")
+        return hashlib.blake2b(text, digest_size=16).digest()
+
 
 @dataclass(frozen=True, slots=True)
 class ParsedPage:
@@ -87,6 +94,16 @@ class ParsedPage:
     rejected: list[RejectedRow]
     keys: list[RowKey | None]
     """One entry per item served, in order; None where the item was rejected."""
+
+    def broken_items(self) -> dict[int, bytes]:
+        """Positions of the items that could not be parsed -> their identities."""
+        if not self.rejected:
+            return {}
+        positions = [i for i, key in enumerate(self.keys) if key is None]
+        return {
+            position: rejected.identity
+            for position, rejected in zip(positions, self.rejected, strict=True)
+        }
 
 
 class _Invalid(ValueError):
