@@ -275,8 +275,7 @@ def sandbox(
     ] = "id",
 ) -> int:
     """Serve a local simulator of the upstream API until Ctrl-C."""
-    from sync.sandbox import CONTACTS_PATH, DEFAULT_TOKEN, serve_forever  # noqa: PLC0415
-    from sync.sandbox_data import ORDERS  # noqa: PLC0415 - only this command needs these
+    from sync.sandbox import CONTACTS_PATH, DEFAULT_TOKEN, ORDERS, serve_forever  # noqa: PLC0415
 
     configure_logging("warning", "console")
     if order not in ORDERS:

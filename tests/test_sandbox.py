@@ -20,13 +20,15 @@ import pytest
 from sync.rows import CONTACT_FIELDS, TEXT_FIELDS, parse_timestamp
 from sync.sandbox import (
     FAULT_KINDS,
+    MAX_LENGTHS,
+    ORDERS,
     Mutator,
+    Order,
     SandboxConfig,
     SandboxData,
     SandboxServer,
     serve_forever,
 )
-from sync.sandbox_data import MAX_LENGTHS, ORDERS, Order
 
 CONTACTS = 450
 VIEWER_TOKEN = "viewer-without-crm-view"
