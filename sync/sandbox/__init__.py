@@ -5,7 +5,14 @@ fast from cached ordered views, and lets a test inject faults and change data mi
 """
 
 from sync.sandbox.app import SandboxApi, create_app
-from sync.sandbox.config import CONTACTS_PATH, DEFAULT_TOKEN, HOST, SandboxConfig
+from sync.sandbox.config import (
+    CONTACTS_PATH,
+    DEFAULT_TOKEN,
+    HOST,
+    OFFSET_MODES,
+    OffsetMode,
+    SandboxConfig,
+)
 from sync.sandbox.data import (
     CLIENT_IDS,
     MAX_LENGTHS,
@@ -16,6 +23,7 @@ from sync.sandbox.data import (
 )
 from sync.sandbox.faults import FAULT_KINDS, Fault, FaultKind, Faults
 from sync.sandbox.mutator import Mutator
+from sync.sandbox.ordering import TIE_ORDERS, TieOrder
 from sync.sandbox.requests import RecordedRequest, RequestLog
 from sync.sandbox.server import SandboxServer, serve_forever
 
@@ -26,11 +34,14 @@ __all__ = [
     "FAULT_KINDS",
     "HOST",
     "MAX_LENGTHS",
+    "OFFSET_MODES",
     "ORDERS",
+    "TIE_ORDERS",
     "Fault",
     "FaultKind",
     "Faults",
     "Mutator",
+    "OffsetMode",
     "Order",
     "RecordedRequest",
     "RequestLog",
@@ -38,6 +49,7 @@ __all__ = [
     "SandboxConfig",
     "SandboxData",
     "SandboxServer",
+    "TieOrder",
     "UpdatedFilter",
     "create_app",
     "serve_forever",

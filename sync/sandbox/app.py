@@ -124,6 +124,36 @@ class SandboxApi:
         self, method: str, headers: dict[str, str], params: dict[str, str], company: str | None
     ) -> Reply:
         """The documented behaviour: 401, 403, 412 and 400 checks, then a page."""
+        allowed = self._allowed_company(method, headers, company)
+        if isinstance(allowed, Reply):
+            return allowed
+        config = self.config
+        rejecting = config.max_offset if config.offset_mode == "reject" else None
+        query = parse_query(params, max_offset=rejecting)
+        if isinstance(query, list):
+            body = {"key": "invalid_data", "message": INVALID_DATA, "failures": query}
+            return Reply(400, json.dumps(body).encode())
+        offset, limit = query.offset, query.limit
+        if config.max_offset is not None:
+            offset = min(offset, config.max_offset)
+        if config.page_cap is not None:
+            limit = min(limit, config.page_cap)
+        self.mutator.before_page(allowed)
+        items = self.data.page_items(
+            allowed,
+            updated=query.updated,
+            client_id=query.client_id,
+            order=config.order,
+            offset=offset,
+            limit=limit,
+            tie_order=config.tie_order,
+        )
+        return Reply(200, b"[" + b",".join(items) + b"]", items=len(items))
+
+    def _allowed_company(
+        self, method: str, headers: dict[str, str], company: str | None
+    ) -> str | Reply:
+        """The company when method, token, company and version pass; else the refusal."""
         config = self.config
         if method not in ("GET", "HEAD"):
             return error_reply(405, "method_not_allowed", "Only GET is allowed.", allow="GET")
@@ -155,20 +185,7 @@ class SandboxApi:
             return error_reply(
                 412, "precondition_failure", f"API version {version[:40]!r} is not supported."
             )
-        query = parse_query(params)
-        if isinstance(query, list):
-            body = {"key": "invalid_data", "message": INVALID_DATA, "failures": query}
-            return Reply(400, json.dumps(body).encode())
-        self.mutator.before_page(company)
-        page, count = self.data.page(
-            company,
-            updated=query.updated,
-            client_id=query.client_id,
-            order=config.order,
-            offset=query.offset,
-            limit=query.limit,
-        )
-        return Reply(200, page, items=count)
+        return company
 
     async def _pause(self, seconds: float) -> None:
         """Sleep without blocking other requests, cut short when the server stops."""

@@ -35,11 +35,20 @@ def bearer_token(value: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def parse_query(params: dict[str, str]) -> Query | list[dict[str, str]]:
-    """The validated query, or every failure in the documented `failures` shape."""
+def parse_query(
+    params: dict[str, str], *, max_offset: int | None = None
+) -> Query | list[dict[str, str]]:
+    """The validated query, or every failure in the documented `failures` shape.
+
+    `max_offset` refuses larger offsets, as servers that bound deep paging do.
+    """
     failures: list[dict[str, str]] = []
     limit = _integer(params, "limit", default=100, low=1, high=100, failures=failures)
     offset = _integer(params, "offset", default=0, low=0, high=None, failures=failures)
+    if offset is not None and max_offset is not None and offset > max_offset:
+        failures.append(
+            {"field": "offset", "message": f"must be less than or equal to {max_offset}"}
+        )
     client_id = _integer(params, "client_id", default=None, low=1, high=None, failures=failures)
     updated = None
     if "updated_at" in params:
