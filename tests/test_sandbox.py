@@ -643,7 +643,7 @@ class TestTieOrders:
 
 
 class TestFaults:
-    @pytest.mark.parametrize("kind", ["412", "500", "503"])
+    @pytest.mark.parametrize("kind", ["408", "412", "425", "500", "503"])
     def test_status_faults_answer_json_errors(
         self, server: SandboxServer, client: httpx.Client, kind: str
     ) -> None:
@@ -653,6 +653,53 @@ class TestFaults:
         assert response.status_code == int(kind)
         assert response.json()["key"]
         assert client.get("/api/contacts").status_code == 200
+
+    @pytest.mark.parametrize(("kind", "key"), [("408", "request_timeout"), ("425", "too_early")])
+    def test_408_and_425_are_json_errors(
+        self, server: SandboxServer, client: httpx.Client, kind: str, key: str
+    ) -> None:
+        """408 and 425 answer their status with a JSON body of key and message."""
+        server.faults.add(kind)  # type: ignore[arg-type]
+        response = client.get("/api/contacts")
+        assert response.status_code == int(kind)
+        assert response.headers["content-type"] == "application/json"
+        assert set(response.json()) == {"key", "message"}
+        assert response.json()["key"] == key
+
+    @pytest.mark.parametrize(("limit", "kept"), [(10, 5), (5, 3), (1, 1)])
+    def test_short_page_drops_its_second_half(
+        self, server: SandboxServer, client: httpx.Client, limit: int, kept: int
+    ) -> None:
+        """`short` serves the first half of the real page, never an empty one, just once."""
+        whole = client.get("/api/contacts", params={"limit": limit, "offset": 20}).json()
+        server.faults.add("short")
+        short = client.get("/api/contacts", params={"limit": limit, "offset": 20})
+        assert short.status_code == 200
+        assert short.json() == whole[:kept]
+        assert server.requests()[-1].items == kept
+        assert server.requests()[-1].fault == "short"
+        assert client.get("/api/contacts", params={"limit": limit, "offset": 20}).json() == whole
+
+    def test_trickle_sends_headers_at_once_then_a_byte_at_a_time(
+        self, server: SandboxServer, client: httpx.Client
+    ) -> None:
+        """`trickle` answers 200 with the full Content-Length at once, then dribbles the body."""
+        whole = client.get("/api/contacts", params={"limit": 3}).content
+        server.faults.add("trickle", seconds=0.2)
+        started = time.monotonic()
+        received = b""
+        with client.stream("GET", "/api/contacts", params={"limit": 3}) as response:
+            assert time.monotonic() - started < 0.15
+            assert response.status_code == 200
+            assert int(response.headers["content-length"]) == len(whole)
+            for chunk in response.iter_raw():
+                received += chunk
+                if time.monotonic() - started > 0.7:
+                    break
+        assert whole.startswith(received)
+        assert 2 <= len(received) <= 6
+        assert client.get("/api/contacts", params={"limit": 3}).content == whole
+        assert server.requests()[1].fault == "trickle"
 
     def test_429_carries_retry_after(self, server: SandboxServer, client: httpx.Client) -> None:
         """429 sends Retry-After, 0 by default or as configured."""
@@ -936,6 +983,27 @@ class TestServerLifecycle:
             running.start()
             assert running.port == port
             assert anonymous.get(running.contacts_url, headers=running.headers()).status_code == 200
+
+    def test_stop_cuts_a_trickle_short(self, anonymous: httpx.Client) -> None:
+        """Stopping ends a trickling body at once; the client sees an incomplete response."""
+        running = SandboxServer(SandboxData.generate(("1",), 10)).start()
+        running.faults.add("trickle", seconds=30)
+        errors: list[Exception] = []
+
+        def fetch() -> None:
+            try:
+                anonymous.get(running.contacts_url, headers=running.headers(), timeout=10)
+            except httpx.HTTPError as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=fetch)
+        worker.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        running.stop()
+        worker.join()
+        assert time.monotonic() - started < 2
+        assert len(errors) == 1
 
     def test_stop_cuts_a_stall_short(self, anonymous: httpx.Client) -> None:
         """Stopping does not wait for a long stall to finish."""

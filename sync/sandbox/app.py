@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from dataclasses import replace
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
@@ -88,11 +89,15 @@ class SandboxApi:
                 company=company,
                 version=headers.get(self._version_header),
                 status=200 if reply is None else reply.status,
-                items=reply.items if reply is not None and label in (None, "stall") else None,
+                items=reply.items
+                if reply is not None and label in (None, "stall", "short")
+                else None,
                 fault=label,
             )
         )
-        if reply is not None:
+        if reply is not None and fault is not None and fault.kind == "trickle":
+            await self._send_trickle(send, receive, reply, fault.seconds)
+        elif reply is not None:
             await send_reply(send, reply)
         elif fault is not None and fault.kind == "reset":
             await send_reset(send)
@@ -116,14 +121,25 @@ class SandboxApi:
         if fault.kind == "stall":
             await self._pause(fault.seconds)
             return self._answer(method, headers, params, company)
+        if fault.kind in ("short", "trickle"):
+            return self._answer(method, headers, params, company, short=fault.kind == "short")
         if fault.kind in ("truncated", "not_array"):
             return distort(self._answer(method, headers, params, company), fault.kind)
         return fault_reply(fault)
 
     def _answer(
-        self, method: str, headers: dict[str, str], params: dict[str, str], company: str | None
+        self,
+        method: str,
+        headers: dict[str, str],
+        params: dict[str, str],
+        company: str | None,
+        *,
+        short: bool = False,
     ) -> Reply:
-        """The documented behaviour: 401, 403, 412 and 400 checks, then a page."""
+        """The documented behaviour: 401, 403, 412 and 400 checks, then a page.
+
+        `short` drops the page's second half of items, as a server trimming its answer does.
+        """
         allowed = self._allowed_company(method, headers, company)
         if isinstance(allowed, Reply):
             return allowed
@@ -148,6 +164,8 @@ class SandboxApi:
             limit=limit,
             tie_order=config.tie_order,
         )
+        if short:
+            items = items[: (len(items) + 1) // 2]
         return Reply(200, b"[" + b",".join(items) + b"]", items=len(items))
 
     def _allowed_company(
@@ -187,15 +205,45 @@ class SandboxApi:
             )
         return company
 
-    async def _pause(self, seconds: float) -> None:
-        """Sleep without blocking other requests, cut short when the server stops."""
+    async def _pause(self, seconds: float, gone: asyncio.Event | None = None) -> None:
+        """Sleep without blocking other requests, cut short when the server stops (or `gone`)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while not self.closing.is_set():
+        while not self.closing.is_set() and not (gone is not None and gone.is_set()):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
             await asyncio.sleep(min(remaining, _PAUSE_STEP))
+
+    async def _send_trickle(self, send: Send, receive: Receive, reply: Reply, pause: float) -> None:
+        """Status and headers at once, then the body a byte per `pause` seconds.
+
+        It stops when the server stops or the client hangs up, leaving the body unfinished.
+        """
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await send_reply(send, replace(reply, body=reply.body[:1]), length=len(reply.body))
+            for index in range(1, len(reply.body)):
+                await self._pause(pause, gone)
+                if self.closing.is_set() or gone.is_set():
+                    EXPECTED_RESET.set(True)
+                    return
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": reply.body[index : index + 1],
+                        "more_body": index < len(reply.body) - 1,
+                    }
+                )
+        finally:
+            watcher.cancel()
 
     async def _send_huge(self, send: Send, fault: Fault) -> None:
         """A valid JSON array of exactly `fault.size` bytes, streamed in 1 MiB chunks."""

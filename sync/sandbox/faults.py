@@ -9,9 +9,11 @@ from typing import Literal, get_args
 __all__ = ["FAULT_KINDS", "Fault", "FaultKind", "Faults"]
 
 FaultKind = Literal[
-    "412", "429", "500", "502", "503", "reset", "stall",
-    "malformed", "truncated", "not_array", "wrong_content_type", "huge",
+    "408", "412", "425", "429", "500", "502", "503", "reset", "stall", "trickle",
+    "malformed", "truncated", "short", "not_array", "wrong_content_type", "huge",
 ]  # fmt: skip
+"""`short` serves the page without its second half of items (a trimmed page, not the end of
+the list); `trickle` sends status and headers at once, then the body a byte per `seconds`."""
 FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
 
 _HUGE_SIZE = 50 * 1024 * 1024
@@ -26,7 +28,7 @@ class Fault:
     retry_after: float | None = 0.0
     """Seconds for the Retry-After header of 429 and 503; None sends no header."""
     seconds: float = 5.0
-    """How long a stall lasts before the normal answer."""
+    """How long a stall lasts before the normal answer; for a trickle, the pause per byte."""
     size: int = _HUGE_SIZE
     """Body size of a huge response, in bytes."""
     chunked: bool = False

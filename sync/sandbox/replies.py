@@ -41,7 +41,12 @@ _BAD_GATEWAY_PAGE = (
 _STATUS_ERRORS = {
     401: ("unauthorized", "The token is not valid."),
     403: ("forbidden", "The token may not access this company."),
+    408: ("request_timeout", "The server timed out waiting for the request."),
     412: ("precondition_failure", "The company is not available right now."),
+    425: (
+        "too_early",
+        "The server is unwilling to risk processing a request that might be replayed.",
+    ),
     429: ("too_many_requests", "Too many requests; slow down and retry later."),
     500: ("internal_error", "Something went wrong on our side."),
     503: ("service_unavailable", "The service is temporarily unavailable."),
@@ -102,14 +107,18 @@ def distort(reply: Reply, kind: str) -> Reply:
     return Reply(200, b'{"data":' + reply.body + b"}")
 
 
-async def send_reply(send: Send, reply: Reply) -> None:
+async def send_reply(send: Send, reply: Reply, *, length: int | None = None) -> None:
+    """The whole reply; a `length` beyond its body promises more body to follow."""
+    size = len(reply.body) if length is None else length
     headers = [
         (b"content-type", reply.content_type.encode()),
-        (b"content-length", str(len(reply.body)).encode()),
+        (b"content-length", str(size).encode()),
         *((name.encode(), value.encode()) for name, value in reply.headers),
     ]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": reply.body})
+    await send(
+        {"type": "http.response.body", "body": reply.body, "more_body": size > len(reply.body)}
+    )
 
 
 async def send_reset(send: Send) -> None:
