@@ -6,7 +6,11 @@ import itertools
 import json
 import logging
 import re
+import select
+import signal
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -20,6 +24,7 @@ import pytest
 
 from sync.rows import CONTACT_FIELDS, TEXT_FIELDS, parse_timestamp
 from sync.sandbox import (
+    DEFAULT_TOKEN,
     FAULT_KINDS,
     MAX_LENGTHS,
     ORDERS,
@@ -1037,3 +1042,82 @@ class TestServerLifecycle:
         assert running.data.companies() == ["1", "7"]
         assert running.config.order == "updated_desc"
         assert f"sandbox-server-{running.port}" not in {t.name for t in threading.enumerate()}
+
+
+@contextmanager
+def _sandbox_command(*args: str) -> Iterator[httpx.Client]:
+    """`contacts-sync sandbox --port 0 ARGS` as a process; a client for the URL it announces."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync", "sandbox", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        announced = ""
+        deadline = time.monotonic() + 30
+        while not (found := re.search(r"http://127\.0\.0\.1:\d+", announced)):
+            ready, _, _ = select.select([process.stdout], [], [], 0.5)
+            assert time.monotonic() < deadline, "the sandbox command did not announce its URL"
+            if ready:
+                line = process.stdout.readline()
+                assert line, process.communicate()[1]
+                announced += line
+        token = {"Authorization": f"Bearer {DEFAULT_TOKEN}", "X-Company-Id": "1"}
+        with httpx.Client(base_url=found.group(), headers=token, timeout=5, verify=_TLS) as http:
+            yield http
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+class TestCommand:
+    def test_flags_cap_pages_tie_rows_shuffle_ties_and_add_latency(self) -> None:
+        """--page-cap, --bulk-tie, --tie-order per_request and --latency-ms shape what is served."""
+        with _sandbox_command(
+            "--contacts", "300", "--order", "updated_asc", "--page-cap", "40",
+            "--bulk-tie", "120", "--tie-order", "per_request", "--latency-ms", "150",
+        ) as http:  # fmt: skip
+            started = time.monotonic()
+            first = http.get("/api/contacts", params={"offset": 200, "limit": 100}).json()
+            assert time.monotonic() - started >= 0.15
+            second = http.get("/api/contacts", params={"offset": 200, "limit": 100}).json()
+            before = http.get("/api/contacts", params={"offset": 140}).json()
+        assert len(first) == len(second) == len(before) == 40
+        (stamp,) = {_utc(row) for row in first + second}
+        assert all(_utc(row) < stamp for row in before)
+        assert _ids(first) != _ids(second)
+
+    @pytest.mark.parametrize("mode", ["reject", "clamp"])
+    def test_max_offset_flags_reject_or_clamp(self, mode: str) -> None:
+        """--max-offset with --offset-mode reject answers 400 past it; clamp serves its page."""
+        with _sandbox_command(
+            "--contacts", "300", "--order", "updated_desc", "--tie-order", "per_page",
+            "--max-offset", "100", "--offset-mode", mode,
+        ) as http:  # fmt: skip
+            at_limit = http.get("/api/contacts", params={"offset": 100})
+            beyond = http.get("/api/contacts", params={"offset": 150})
+        assert len(at_limit.json()) == 100
+        if mode == "reject":
+            assert _failures(beyond) == {"offset": "must be less than or equal to 100"}
+        else:
+            assert beyond.content == at_limit.content
+
+    def test_an_unknown_tie_order_is_a_usage_error(self) -> None:
+        """A value outside the documented choices exits 2 with one sentence naming the flag."""
+        result = subprocess.run(
+            [sys.executable, "-m", "sync", "sandbox", "--tie-order", "sometimes"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert (
+            "--tie-order 'sometimes' is not one of stable, per_page, per_request" in result.stderr
+        )

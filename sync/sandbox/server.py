@@ -144,18 +144,23 @@ def serve_forever(
     *,
     seed: int = 7,
     config: SandboxConfig | None = None,
+    bulk_tie: int = 0,
     on_ready: Callable[[SandboxServer], None] | None = None,
     stop: threading.Event | None = None,
 ) -> None:
     """Serve generated data until SIGINT or SIGTERM (or `stop` is set), then return cleanly.
 
     `on_ready` gets the running server, e.g. to print its URL; nothing is printed here.
+    `bulk_tie` gives that many generated rows of each company one shared updated_at.
     """
     config = config or SandboxConfig()
     if order is not None:
         config = replace(config, order=order)
     stopping = stop or threading.Event()
     data = SandboxData.generate(companies, contacts, seed)
+    if bulk_tie:
+        for company in companies:
+            data.bulk_tie(company, bulk_tie)
     with _set_on_signals(stopping), SandboxServer(data, config, port=port) as server:
         if on_ready is not None:
             on_ready(server)
