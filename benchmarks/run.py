@@ -36,8 +36,7 @@ import psycopg
 from sync.config import Settings
 from sync.engine import SyncEngine
 from sync.log import configure_logging
-from sync.sandbox import SandboxConfig, SandboxServer
-from sync.sandbox_data import SandboxData
+from sync.sandbox import SandboxConfig, SandboxData, SandboxServer
 from sync.store import MirrorStore
 
 DEFAULT_PG = os.environ.get(

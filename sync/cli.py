@@ -273,25 +273,74 @@ def sandbox(
     order: Annotated[
         str, typer.Option(help="Server order: id, updated_asc or updated_desc.")
     ] = "id",
+    *,
+    page_cap: Annotated[
+        int | None, typer.Option(help="Serve at most N items per page, whatever limit asks.", min=1)
+    ] = None,
+    max_offset: Annotated[
+        int | None, typer.Option(help="The largest offset served (see --offset-mode).", min=0)
+    ] = None,
+    offset_mode: Annotated[
+        str,
+        typer.Option(help="Past --max-offset: reject (400) or clamp (serve the page at it)."),
+    ] = "reject",
+    tie_order: Annotated[
+        str,
+        typer.Option(
+            help="Rows sharing one updated_at, in the updated orders: stable (by id), "
+            "per_page (by offset+limit) or per_request (shuffled every time)."
+        ),
+    ] = "stable",
+    bulk_tie: Annotated[
+        int, typer.Option(help="Give N generated rows of each company one updated_at.", min=0)
+    ] = 0,
+    latency_ms: Annotated[
+        float, typer.Option(help="Added to every request, in milliseconds.", min=0)
+    ] = 0.0,
 ) -> int:
     """Serve a local simulator of the upstream API until Ctrl-C."""
-    from sync.sandbox import CONTACTS_PATH, DEFAULT_TOKEN, serve_forever  # noqa: PLC0415
-    from sync.sandbox_data import ORDERS  # noqa: PLC0415 - only this command needs these
+    from sync.sandbox import (  # noqa: PLC0415 - only this command needs the sandbox
+        CONTACTS_PATH,
+        DEFAULT_TOKEN,
+        OFFSET_MODES,
+        ORDERS,
+        TIE_ORDERS,
+        SandboxConfig,
+        serve_forever,
+    )
 
     configure_logging("warning", "console")
     if order not in ORDERS:
-        raise ConfigError(f"--order {order!r} is not one of {', '.join(ORDERS)}; pick one of them.")
+        raise _not_one_of("--order", order, ORDERS)
+    if offset_mode not in OFFSET_MODES:
+        raise _not_one_of("--offset-mode", offset_mode, OFFSET_MODES)
+    if tie_order not in TIE_ORDERS:
+        raise _not_one_of("--tie-order", tie_order, TIE_ORDERS)
+    if bulk_tie and not 2 <= bulk_tie <= contacts:
+        raise ConfigError(f"--bulk-tie {bulk_tie} must be from 2 to --contacts ({contacts}).")
+    config = SandboxConfig(
+        order=order,
+        page_cap=page_cap,
+        max_offset=max_offset,
+        offset_mode=offset_mode,
+        tie_order=tie_order,
+        latency_ms=latency_ms,
+    )
     companies = company or ["1"]
 
     def announce(server: SandboxServer) -> None:
         stdout.print(
             f"Sandbox serving {contacts:,} contacts per company at {server.base_url}"
             f"{CONTACTS_PATH} (token {DEFAULT_TOKEN}, companies {', '.join(companies)}, "
-            f"order {order}); Ctrl-C stops it."
+            f"order {order}, ties {tie_order}); Ctrl-C stops it."
         )
 
-    serve_forever(port, contacts, companies, order, on_ready=announce)
+    serve_forever(port, contacts, companies, config=config, bulk_tie=bulk_tie, on_ready=announce)
     return 0
+
+
+def _not_one_of(flag: str, value: str, allowed: Sequence[str]) -> ConfigError:
+    return ConfigError(f"{flag} {value!r} is not one of {', '.join(allowed)}; pick one of them.")
 
 
 @app.command()

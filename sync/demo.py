@@ -9,8 +9,7 @@ from rich.console import Console
 from sync.config import Settings
 from sync.engine import PassReport, SyncEngine
 from sync.progress import progress_for
-from sync.sandbox import DEFAULT_TOKEN, SandboxServer
-from sync.sandbox_data import SandboxData
+from sync.sandbox import DEFAULT_TOKEN, SandboxData, SandboxServer
 from sync.store import CompanyStatus, MirrorStore
 
 __all__ = ["run_demo"]

@@ -19,8 +19,7 @@ from sqlalchemy import create_engine, make_url, text
 from sync.config import Settings
 from sync.log import redactor
 from sync.rows import CONTACT_FIELDS, parse_items
-from sync.sandbox import DEFAULT_TOKEN, SandboxServer
-from sync.sandbox_data import SandboxData
+from sync.sandbox import DEFAULT_TOKEN, SandboxData, SandboxServer
 
 PG_ADMIN_DSN = os.environ.get("CONTACTS_SYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

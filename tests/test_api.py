@@ -10,8 +10,7 @@ from sync.api import ContactsClient
 from sync.config import ApiSettings
 from sync.errors import AuthError, TransientUpstreamError, UpstreamUnavailable
 from sync.retry import RetryPolicy
-from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxServer
-from sync.sandbox_data import SandboxData
+from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxData, SandboxServer
 
 
 def client_for(

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 from conftest import mirror_rows, safe_rows, stored_pages, upstream_rows, wait_until
 
-from sync.sandbox import SandboxConfig, SandboxServer
-from sync.sandbox_data import SandboxData
+from sync.sandbox import SandboxConfig, SandboxData, SandboxServer
 from sync.store import MirrorStore
 
 SECRET = "s3cr3t-T0KEN-4c7e1d"

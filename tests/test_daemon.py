@@ -27,8 +27,7 @@ import pytest
 from conftest import PG_ADMIN_DSN, mirror_rows, safe_rows, stored_pages, upstream_rows, wait_until
 from test_cli import SECRET, write_config
 
-from sync.sandbox import SandboxConfig, SandboxServer
-from sync.sandbox_data import SandboxData
+from sync.sandbox import SandboxConfig, SandboxData, SandboxServer
 from sync.stoppable import StoppableTransport
 from sync.store import MirrorStore
 from sync.systemd import Notifier

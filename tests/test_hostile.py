@@ -79,8 +79,7 @@ from sync.errors import SyncError
 from sync.log import configure_logging
 from sync.metrics import Metrics
 from sync.retry import RetryPolicy
-from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxServer
-from sync.sandbox_data import SandboxData, UpdatedFilter
+from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxData, SandboxServer, UpdatedFilter
 from sync.store import MirrorStore
 
 pytestmark = pytest.mark.usefixtures("walk_concurrency")

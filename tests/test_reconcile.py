@@ -11,8 +11,7 @@ from sqlalchemy import create_engine, text
 
 from sync.config import Settings
 from sync.engine import ReconcileReport, SyncEngine
-from sync.sandbox import SandboxConfig, SandboxServer
-from sync.sandbox_data import SandboxData
+from sync.sandbox import SandboxConfig, SandboxData, SandboxServer
 from sync.store import MirrorStore
 
 pytestmark = pytest.mark.usefixtures("walk_concurrency")

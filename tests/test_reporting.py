@@ -12,8 +12,7 @@ from conftest import make_settings
 from sqlalchemy import create_engine, text
 
 from sync.engine import SyncEngine
-from sync.sandbox import SandboxServer
-from sync.sandbox_data import SandboxData
+from sync.sandbox import SandboxData, SandboxServer
 from sync.store import MirrorStore
 
 pytestmark = pytest.mark.usefixtures("walk_concurrency")

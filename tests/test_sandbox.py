@@ -6,11 +6,16 @@ import itertools
 import json
 import logging
 import re
+import select
+import signal
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -19,14 +24,19 @@ import pytest
 
 from sync.rows import CONTACT_FIELDS, TEXT_FIELDS, parse_timestamp
 from sync.sandbox import (
+    DEFAULT_TOKEN,
     FAULT_KINDS,
+    MAX_LENGTHS,
+    ORDERS,
+    TIE_ORDERS,
     Mutator,
+    Order,
     SandboxConfig,
     SandboxData,
     SandboxServer,
+    TieOrder,
     serve_forever,
 )
-from sync.sandbox_data import MAX_LENGTHS, ORDERS, Order
 
 CONTACTS = 450
 VIEWER_TOKEN = "viewer-without-crm-view"
@@ -236,6 +246,18 @@ class TestSandboxData:
         data.update("2", [4])
         assert data.touched_since("1", mark) == {2, 3, *inserted}
         assert data.touched_since("2", mark) == {4}
+
+    def test_bulk_tie_gives_existing_rows_one_new_stamp(self) -> None:
+        """`bulk_tie` makes a tie group of exactly `count` existing rows, later than every other."""
+        data = SandboxData.generate(("1",), 2000, seed=4)
+        tied = data.bulk_tie("1", 1500)
+        rows = {row["id"]: row for row in data.snapshot("1")}
+        assert len(set(tied)) == 1500
+        assert set(tied) <= set(range(1, 2001))
+        (stamp,) = {_utc(rows[i]) for i in tied}
+        assert all(_utc(row) < stamp for i, row in rows.items() if i not in set(tied))
+        with pytest.raises(ValueError, match="count >= 2"):
+            data.bulk_tie("1", 1)
 
 
 class TestAuthAndHeaders:
@@ -486,8 +508,147 @@ class TestOrders:
         assert len(holding) >= 2
 
 
+@contextmanager
+def _serving(data: SandboxData, **config: Any) -> Iterator[tuple[SandboxServer, httpx.Client]]:
+    """A server of its own with `config`, and a client authorised for company 1."""
+    with (
+        SandboxServer(data, SandboxConfig(**config)) as running,
+        httpx.Client(
+            base_url=running.base_url, headers=running.headers(), timeout=5, verify=_TLS
+        ) as http,
+    ):
+        yield running, http
+
+
+def _ids(page: list[dict[str, Any]]) -> list[int]:
+    return [row["id"] for row in page]
+
+
+class TestPageCap:
+    def test_page_cap_bounds_every_page_whatever_limit_asks(self, data: SandboxData) -> None:
+        """With page_cap 40 a page holds at most 40 rows and the next offset continues there."""
+        with _serving(data, page_cap=40) as (running, http):
+            first = http.get("/api/contacts", params={"limit": 100}).json()
+            small = http.get("/api/contacts", params={"limit": 25}).json()
+            next_page = http.get("/api/contacts", params={"limit": 100, "offset": 40}).json()
+            walked = _page_all(http, limit=40)
+            assert [r.items for r in running.requests()][:3] == [40, 25, 40]
+        assert _ids(first) == list(range(1, 41))
+        assert _ids(small) == list(range(1, 26))
+        assert _ids(next_page) == list(range(41, 81))
+        assert walked == data.snapshot("1")
+
+
+class TestMaxOffset:
+    def test_reject_answers_the_documented_400_naming_offset(self, data: SandboxData) -> None:
+        """Past max_offset the answer is 400 invalid_data naming `offset`; at it, a page."""
+        with _serving(data, max_offset=200) as (_, http):
+            at_limit = http.get("/api/contacts", params={"offset": 200})
+            beyond = http.get("/api/contacts", params={"offset": 201})
+        assert _ids(at_limit.json()) == list(range(201, 301))
+        assert beyond.status_code == 400
+        assert beyond.json() == {
+            "key": "invalid_data",
+            "message": "You provided invalid data. Check 'failures' for details.",
+            "failures": [{"field": "offset", "message": "must be less than or equal to 200"}],
+        }
+
+    def test_clamp_serves_the_page_at_max_offset_for_any_larger_offset(
+        self, data: SandboxData
+    ) -> None:
+        """In clamp mode every offset past max_offset silently gets the page at max_offset."""
+        with _serving(data, max_offset=200, offset_mode="clamp") as (_, http):
+            pages = {
+                offset: http.get("/api/contacts", params={"offset": offset, "limit": 50})
+                for offset in (199, 200, 201, 449, 10_000)
+            }
+        assert {response.status_code for response in pages.values()} == {200}
+        assert _ids(pages[200].json()) == list(range(201, 251))
+        assert pages[201].content == pages[449].content == pages[10_000].content
+        assert pages[201].content == pages[200].content
+        assert pages[199].content != pages[200].content
+
+
+TIED_CONTACTS = 3000
+
+
+@pytest.fixture(scope="module")
+def tied() -> tuple[SandboxData, set[int], set[int]]:
+    """3,000 rows: a bulk edit tied 2,500 of them, then a later one tied 30 others."""
+    data = SandboxData.generate(("1",), TIED_CONTACTS, seed=5)
+    big = set(data.bulk_tie("1", 2500))
+    small = set(sorted(data.ids("1") - big)[:30])
+    data.update("1", small, same_stamp=True)
+    return data, small, big
+
+
+def _expected_order(data: SandboxData, order: Order) -> list[dict[str, Any]]:
+    """Every row in `order`, ties by id: what the stable tie order serves."""
+    rows = sorted(data.snapshot("1"), key=lambda row: (_utc(row), row["id"]))
+    return rows[::-1] if order == "updated_desc" else rows
+
+
+class TestTieOrders:
+    @pytest.mark.parametrize("order", ["updated_asc", "updated_desc"])
+    @pytest.mark.parametrize("tie_order", TIE_ORDERS)
+    def test_only_ties_move_and_each_page_serves_a_row_once(
+        self, tied: tuple[SandboxData, set[int], set[int]], order: Order, tie_order: TieOrder
+    ) -> None:
+        """Untied rows keep their place; a tie position holds a member of that tie, never twice."""
+        data, _, _ = tied
+        expected = _expected_order(data, order)
+        sizes = Counter(_utc(row) for row in expected)
+        served: list[dict[str, Any]] = []
+        with _serving(data, order=order, tie_order=tie_order) as (_, http):
+            for offset in range(0, TIED_CONTACTS, 100):
+                page = http.get("/api/contacts", params={"offset": offset}).json()
+                assert len(set(_ids(page))) == len(page) == 100
+                for position, row in enumerate(page, start=offset):
+                    wanted = expected[position]
+                    if sizes[_utc(wanted)] == 1:
+                        assert row == wanted
+                    else:
+                        assert _utc(row) == _utc(wanted)
+                served.extend(page)
+        assert (served == expected) is (tie_order == "stable")
+
+    def test_per_page_repeats_a_window_but_reorders_another(
+        self, tied: tuple[SandboxData, set[int], set[int]]
+    ) -> None:
+        """per_page serves one offset+limit identically, and another offset+limit differently."""
+        data, _, big = tied
+        with _serving(data, order="updated_desc", tie_order="per_page") as (_, http):
+
+            def ids(offset: int, limit: int) -> list[int]:
+                params = {"offset": offset, "limit": limit}
+                return _ids(http.get("/api/contacts", params=params).json())
+
+            window = ids(100, 100)
+            assert ids(100, 100) == window
+            assert set(window) <= big
+            assert ids(150, 50) == window[50:]
+            assert ids(100, 50) != window[:50]
+            assert ids(100, 50) == ids(100, 50)
+
+    def test_per_request_shuffles_a_tie_afresh_on_every_request(
+        self, tied: tuple[SandboxData, set[int], set[int]]
+    ) -> None:
+        """Two identical per_request requests order a tie differently, each member once."""
+        data, small, _ = tied
+        with _serving(data, order="updated_desc", tie_order="per_request") as (_, http):
+            first, second = (_ids(http.get("/api/contacts").json()) for _ in range(2))
+        assert sorted(first[:30]) == sorted(second[:30]) == sorted(small)
+        assert first[:30] != second[:30]
+        assert first[30:] != second[30:]
+
+    def test_id_order_ignores_the_tie_order(self, data: SandboxData) -> None:
+        """The id order has no ties to reorder, so per_request serves it exactly as stable."""
+        with _serving(data, tie_order="per_request") as (_, http):
+            assert _page_all(http) == data.snapshot("1")
+
+
 class TestFaults:
-    @pytest.mark.parametrize("kind", ["412", "500", "503"])
+    @pytest.mark.parametrize("kind", ["408", "412", "425", "500", "503"])
     def test_status_faults_answer_json_errors(
         self, server: SandboxServer, client: httpx.Client, kind: str
     ) -> None:
@@ -497,6 +658,53 @@ class TestFaults:
         assert response.status_code == int(kind)
         assert response.json()["key"]
         assert client.get("/api/contacts").status_code == 200
+
+    @pytest.mark.parametrize(("kind", "key"), [("408", "request_timeout"), ("425", "too_early")])
+    def test_408_and_425_are_json_errors(
+        self, server: SandboxServer, client: httpx.Client, kind: str, key: str
+    ) -> None:
+        """408 and 425 answer their status with a JSON body of key and message."""
+        server.faults.add(kind)  # type: ignore[arg-type]
+        response = client.get("/api/contacts")
+        assert response.status_code == int(kind)
+        assert response.headers["content-type"] == "application/json"
+        assert set(response.json()) == {"key", "message"}
+        assert response.json()["key"] == key
+
+    @pytest.mark.parametrize(("limit", "kept"), [(10, 5), (5, 3), (1, 1)])
+    def test_short_page_drops_its_second_half(
+        self, server: SandboxServer, client: httpx.Client, limit: int, kept: int
+    ) -> None:
+        """`short` serves the first half of the real page, never an empty one, just once."""
+        whole = client.get("/api/contacts", params={"limit": limit, "offset": 20}).json()
+        server.faults.add("short")
+        short = client.get("/api/contacts", params={"limit": limit, "offset": 20})
+        assert short.status_code == 200
+        assert short.json() == whole[:kept]
+        assert server.requests()[-1].items == kept
+        assert server.requests()[-1].fault == "short"
+        assert client.get("/api/contacts", params={"limit": limit, "offset": 20}).json() == whole
+
+    def test_trickle_sends_headers_at_once_then_a_byte_at_a_time(
+        self, server: SandboxServer, client: httpx.Client
+    ) -> None:
+        """`trickle` answers 200 with the full Content-Length at once, then dribbles the body."""
+        whole = client.get("/api/contacts", params={"limit": 3}).content
+        server.faults.add("trickle", seconds=0.2)
+        started = time.monotonic()
+        received = b""
+        with client.stream("GET", "/api/contacts", params={"limit": 3}) as response:
+            assert time.monotonic() - started < 0.15
+            assert response.status_code == 200
+            assert int(response.headers["content-length"]) == len(whole)
+            for chunk in response.iter_raw():
+                received += chunk
+                if time.monotonic() - started > 0.7:
+                    break
+        assert whole.startswith(received)
+        assert 2 <= len(received) <= 6
+        assert client.get("/api/contacts", params={"limit": 3}).content == whole
+        assert server.requests()[1].fault == "trickle"
 
     def test_429_carries_retry_after(self, server: SandboxServer, client: httpx.Client) -> None:
         """429 sends Retry-After, 0 by default or as configured."""
@@ -781,6 +989,27 @@ class TestServerLifecycle:
             assert running.port == port
             assert anonymous.get(running.contacts_url, headers=running.headers()).status_code == 200
 
+    def test_stop_cuts_a_trickle_short(self, anonymous: httpx.Client) -> None:
+        """Stopping ends a trickling body at once; the client sees an incomplete response."""
+        running = SandboxServer(SandboxData.generate(("1",), 10)).start()
+        running.faults.add("trickle", seconds=30)
+        errors: list[Exception] = []
+
+        def fetch() -> None:
+            try:
+                anonymous.get(running.contacts_url, headers=running.headers(), timeout=10)
+            except httpx.HTTPError as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=fetch)
+        worker.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        running.stop()
+        worker.join()
+        assert time.monotonic() - started < 2
+        assert len(errors) == 1
+
     def test_stop_cuts_a_stall_short(self, anonymous: httpx.Client) -> None:
         """Stopping does not wait for a long stall to finish."""
         running = SandboxServer(SandboxData.generate(("1",), 10)).start()
@@ -813,3 +1042,82 @@ class TestServerLifecycle:
         assert running.data.companies() == ["1", "7"]
         assert running.config.order == "updated_desc"
         assert f"sandbox-server-{running.port}" not in {t.name for t in threading.enumerate()}
+
+
+@contextmanager
+def _sandbox_command(*args: str) -> Iterator[httpx.Client]:
+    """`contacts-sync sandbox --port 0 ARGS` as a process; a client for the URL it announces."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync", "sandbox", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        announced = ""
+        deadline = time.monotonic() + 30
+        while not (found := re.search(r"http://127\.0\.0\.1:\d+", announced)):
+            ready, _, _ = select.select([process.stdout], [], [], 0.5)
+            assert time.monotonic() < deadline, "the sandbox command did not announce its URL"
+            if ready:
+                line = process.stdout.readline()
+                assert line, process.communicate()[1]
+                announced += line
+        token = {"Authorization": f"Bearer {DEFAULT_TOKEN}", "X-Company-Id": "1"}
+        with httpx.Client(base_url=found.group(), headers=token, timeout=5, verify=_TLS) as http:
+            yield http
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+class TestCommand:
+    def test_flags_cap_pages_tie_rows_shuffle_ties_and_add_latency(self) -> None:
+        """--page-cap, --bulk-tie, --tie-order per_request and --latency-ms shape what is served."""
+        with _sandbox_command(
+            "--contacts", "300", "--order", "updated_asc", "--page-cap", "40",
+            "--bulk-tie", "120", "--tie-order", "per_request", "--latency-ms", "150",
+        ) as http:  # fmt: skip
+            started = time.monotonic()
+            first = http.get("/api/contacts", params={"offset": 200, "limit": 100}).json()
+            assert time.monotonic() - started >= 0.15
+            second = http.get("/api/contacts", params={"offset": 200, "limit": 100}).json()
+            before = http.get("/api/contacts", params={"offset": 140}).json()
+        assert len(first) == len(second) == len(before) == 40
+        (stamp,) = {_utc(row) for row in first + second}
+        assert all(_utc(row) < stamp for row in before)
+        assert _ids(first) != _ids(second)
+
+    @pytest.mark.parametrize("mode", ["reject", "clamp"])
+    def test_max_offset_flags_reject_or_clamp(self, mode: str) -> None:
+        """--max-offset with --offset-mode reject answers 400 past it; clamp serves its page."""
+        with _sandbox_command(
+            "--contacts", "300", "--order", "updated_desc", "--tie-order", "per_page",
+            "--max-offset", "100", "--offset-mode", mode,
+        ) as http:  # fmt: skip
+            at_limit = http.get("/api/contacts", params={"offset": 100})
+            beyond = http.get("/api/contacts", params={"offset": 150})
+        assert len(at_limit.json()) == 100
+        if mode == "reject":
+            assert _failures(beyond) == {"offset": "must be less than or equal to 100"}
+        else:
+            assert beyond.content == at_limit.content
+
+    def test_an_unknown_tie_order_is_a_usage_error(self) -> None:
+        """A value outside the documented choices exits 2 with one sentence naming the flag."""
+        result = subprocess.run(
+            [sys.executable, "-m", "sync", "sandbox", "--tie-order", "sometimes"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert (
+            "--tie-order 'sometimes' is not one of stable, per_page, per_request" in result.stderr
+        )

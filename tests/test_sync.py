@@ -26,8 +26,7 @@ from sync.config import Settings
 from sync.engine import PassReport, SyncEngine
 from sync.errors import AuthError, DatabaseError, RequestRejected, UpstreamUnavailable
 from sync.retry import RetryPolicy
-from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxServer
-from sync.sandbox_data import SandboxData
+from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxData, SandboxServer
 from sync.store import MirrorStore
 
 pytestmark = pytest.mark.usefixtures("walk_concurrency")

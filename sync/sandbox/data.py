@@ -19,6 +19,7 @@ from json.encoder import encode_basestring as _quote
 from typing import Any, Literal, TypeVar
 
 from sync.rows import TEXT_FIELDS
+from sync.sandbox.ordering import TieIndex, TieOrder
 
 __all__ = ["CLIENT_IDS", "MAX_LENGTHS", "ORDERS", "Order", "SandboxData", "UpdatedFilter"]
 
@@ -155,6 +156,14 @@ class _RawItem:
         return after and before and (client_id is None or self.client_id == client_id)
 
 
+@dataclass(frozen=True, slots=True)
+class _View:
+    """One filtered, ordered list as rendered rows; `ties` is built once a tie order needs it."""
+
+    items: list[bytes]
+    ties: TieIndex | None
+
+
 @dataclass(slots=True)
 class _Company:
     rng: random.Random
@@ -164,10 +173,8 @@ class _Company:
     """(updated_at, id) of every live row, sorted: the updated_at orders and range filters."""
     next_id: int
     touched: dict[int, int] = field(default_factory=dict)
-    views: dict[tuple[UpdatedFilter | None, int | None, Order], list[bytes]] = field(
-        default_factory=dict
-    )
-    """Rendered rows of each filtered, ordered list served so far; cleared on any change."""
+    views: dict[tuple[UpdatedFilter | None, int | None, Order], _View] = field(default_factory=dict)
+    """Each filtered, ordered list served so far; cleared on any change."""
     raw: list[_RawItem] = field(default_factory=list)
     """Items put with `put_raw`, served among the generated rows; not part of `snapshot`."""
 
@@ -183,6 +190,8 @@ class SandboxData:
         self._version = 0
         self._anchor = _whole_second(self._clock()) - _SETTLE
         self._last_stamp = self._anchor
+        self._shuffler = random.Random()
+        """Unseeded on purpose: the `per_request` tie order differs from run to run."""
 
     @classmethod
     def generate(
@@ -276,6 +285,16 @@ class SandboxData:
                 state.touched[contact_id] = version
             return chosen
 
+    def bulk_tie(self, company: str, count: int) -> list[int]:
+        """A bulk edit: `count` random existing rows get one shared new updated_at (a tie group).
+
+        Each row also changes a field, as `update` does; for a tie of new rows (a bulk import)
+        use `insert(company, count, updated_at=...)`. Returns the ids, ascending.
+        """
+        if count < 2:
+            raise ValueError("a tie group needs count >= 2")
+        return sorted(self.update(company, count=count, same_stamp=True))
+
     def insert(self, company: str, count: int = 1, updated_at: datetime | None = None) -> list[int]:
         """Add `count` rows with new ids; a past `updated_at` simulates a row committed late."""
         if updated_at is not None and updated_at.tzinfo is None:
@@ -362,18 +381,45 @@ class SandboxData:
         order: Order,
         offset: int,
         limit: int,
+        tie_order: TieOrder = "stable",
     ) -> tuple[bytes, int]:
         """The JSON array body of one page and its item count, from a cached ordered view."""
+        items = self.page_items(
+            company,
+            updated=updated,
+            client_id=client_id,
+            order=order,
+            offset=offset,
+            limit=limit,
+            tie_order=tie_order,
+        )
+        return b"[" + b",".join(items) + b"]", len(items)
+
+    def page_items(
+        self,
+        company: str,
+        *,
+        updated: UpdatedFilter | None,
+        client_id: int | None,
+        order: Order,
+        offset: int,
+        limit: int,
+        tie_order: TieOrder = "stable",
+    ) -> list[bytes]:
+        """The rendered items of one page; `tie_order` applies to the updated_at orders only."""
+        reorder = order != "id" and tie_order != "stable"
         with self._lock:
             state = self._company(company)
             key = (updated, client_id, order)
             view = state.views.get(key)
-            if view is None:
+            if view is None or (reorder and view.ties is None):
                 if len(state.views) >= _MAX_CACHED_VIEWS:
                     state.views.clear()
-                view = state.views[key] = _build_view(state, updated, client_id, order)
-            items = view[offset : offset + limit]
-        return b"[" + b",".join(items) + b"]", len(items)
+                view = _build_view(state, updated, client_id, order, with_ties=reorder)
+                state.views[key] = view
+            if view.ties is None or not reorder:
+                return view.items[offset : offset + limit]
+            return view.ties.page(view.items, offset, limit, tie_order, self._shuffler)
 
     def _company(self, company: str) -> _Company:
         try:
@@ -439,8 +485,13 @@ def _unindex(state: _Company, row: _Contact) -> None:
 
 
 def _build_view(
-    state: _Company, updated: UpdatedFilter | None, client_id: int | None, order: Order
-) -> list[bytes]:
+    state: _Company,
+    updated: UpdatedFilter | None,
+    client_id: int | None,
+    order: Order,
+    *,
+    with_ties: bool,
+) -> _View:
     low, high, low_inclusive = updated.bounds() if updated else (None, None, False)
     if order == "id":
         rows: Iterable[_Contact] = (
@@ -457,37 +508,45 @@ def _build_view(
             start = find(stamps, low, key=_stamp_of)
         end = len(stamps) if high is None else bisect_left(stamps, high, key=_stamp_of)
         rows = (state.rows[contact_id] for _, contact_id in stamps[start:end])
-    view = [row.rendered for row in rows if client_id is None or row.client_id == client_id]
+    chosen = [row for row in rows if client_id is None or row.client_id == client_id]
+    if not state.raw and not with_ties:
+        if order == "updated_desc":
+            chosen.reverse()
+        return _View([row.rendered for row in chosen], None)
     if state.raw:
-        view = _with_raw(state, view, (low, high, low_inclusive), client_id, order)
+        entries = _with_raw(state, chosen, (low, high, low_inclusive), client_id, order)
+    else:
+        entries = [(row.updated_at, row.id, row.rendered) for row in chosen]
     if order == "updated_desc":
-        view.reverse()
-    return view
+        entries.reverse()
+    items = [rendered for _, _, rendered in entries]
+    ties = None
+    if with_ties:
+        ties = TieIndex.of([stamp for stamp, _, _ in entries], [i for _, i, _ in entries])
+    return _View(items, ties)
 
 
 def _with_raw(
     state: _Company,
-    view: list[bytes],
+    rows: list[_Contact],
     bounds: tuple[datetime | None, datetime | None, bool],
     client_id: int | None,
     order: Order,
-) -> list[bytes]:
+) -> list[tuple[datetime, int, bytes]]:
     """The ascending view with the matching raw items merged in where their keys place them."""
     low, high, inclusive = bounds
-    by_rendered = {row.rendered: row for row in state.rows.values()}
-    entries: list[tuple[tuple[Any, ...], bytes]] = []
-    for rendered in view:
-        row = by_rendered[rendered]
+    entries: list[tuple[tuple[Any, ...], tuple[datetime, int, bytes]]] = []
+    for row in rows:
         key = (row.id, 0) if order == "id" else (row.updated_at, row.id, 0)
-        entries.append((key, rendered))
+        entries.append((key, (row.updated_at, row.id, row.rendered)))
     for raw in state.raw:
         if raw.matches(low, high, inclusive, client_id):
             key = (
                 (raw.sort_id, raw.seq) if order == "id" else (raw.updated_at, raw.sort_id, raw.seq)
             )
-            entries.append((key, raw.rendered))
+            entries.append((key, (raw.updated_at, raw.sort_id, raw.rendered)))
     entries.sort(key=lambda entry: entry[0])
-    return [rendered for _, rendered in entries]
+    return [entry for _, entry in entries]
 
 
 def _parsed_stamp(fields: dict[Any, Any]) -> datetime | None:
