@@ -6,6 +6,7 @@ and the translation of driver errors into DatabaseError; the SQL the two share s
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -18,15 +19,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar, cast
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import URL, Connection, Engine, Table, create_engine, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError, StatementError
 from sqlalchemy.pool import StaticPool
 
 from sync.errors import CompanyLocked, DatabaseError
+from sync.log import redactor
 from sync.models import sqlite_timestamp, sqlite_timestamps
 from sync.rows import ContactRow
 
@@ -39,10 +43,15 @@ _WRITE_OPTION = "contacts_sync_write"
 
 
 def open_backend(url: str) -> Backend:
-    """The backend for a database.url, with its engine created but not yet connected."""
+    """The backend for a database.url, with its engine created but not yet connected.
+
+    The URL's passwords are registered with the redactor first: driver errors may echo them.
+    """
+    for secret in database_secrets(url):
+        redactor().add(secret)
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise DatabaseError(
             "database.url is not a valid SQLAlchemy URL; "
             "use sqlite:///path/to/file.db or postgresql+psycopg://user@host/db."
@@ -56,6 +65,22 @@ def open_backend(url: str) -> Backend:
             "use sqlite:///path/to/file.db or postgresql+psycopg://user@host/db."
         )
     return backend_type(parsed)
+
+
+def database_secrets(url: str) -> set[str]:
+    """Every password a database.url holds: in the URL's user info or its `password=` query
+    parameter (decoded), or in a libpq `key=value` string (quoted or not)."""
+    secrets: set[str] = set()
+    with contextlib.suppress(ValueError):  # urlsplit is lenient: a bad port is no obstacle
+        parts = urlsplit(url)
+        if parts.password:
+            secrets.add(unquote(parts.password))
+        secrets.update(parse_qs(parts.query).get("password", ()))
+    with contextlib.suppress(psycopg.ProgrammingError):
+        in_dsn = conninfo_to_dict(url).get("password")
+        if isinstance(in_dsn, str):
+            secrets.add(in_dsn)
+    return {secret for secret in secrets if secret}
 
 
 class Backend(ABC):
@@ -74,7 +99,8 @@ class Backend(ABC):
 
     def __init__(self, url: URL) -> None:
         self.url = url
-        self.where = url.render_as_string(hide_password=True)
+        shown = url.set(query={k: v for k, v in url.query.items() if k != "password"})
+        self.where = shown.render_as_string(hide_password=True)
         self.engine = self._create_engine()
         self._inserts: dict[str, Any] = {}
 
@@ -146,11 +172,10 @@ class Backend(ABC):
             raise self._database_error(doing, exc) from exc
 
     def _database_error(self, doing: str, exc: Exception) -> DatabaseError:
-        """One sentence naming the database (never its password) and what to do next."""
+        """One sentence naming the database (never its password: the redactor knows it) and
+        what to do next."""
         cause = getattr(exc, "orig", None) or exc
         reason = _first_line(cause)
-        if self.url.password:
-            reason = reason.replace(str(self.url.password), "***")
         kind = self._error_kind(cause)
         if kind == "readonly":
             return DatabaseError(
