@@ -17,6 +17,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -397,24 +398,11 @@ class _PostgresBackend(Backend):
             with self._errors("open"):
                 # Autocommit: holding the session-level lock leaves no transaction idle.
                 conn.execution_options(isolation_level="AUTOCOMMIT")
-                acquired, holder = conn.execute(
-                    text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"), {"key": key}
-                ).one()
+                acquired, pid, started = conn.execute(_TAKE_LOCK, {"key": key}).one()
             if not acquired:
                 raise CompanyLocked(company_id)
-
-            def still_held(write: Connection) -> None:
-                # A session lock lasts as long as its session: checked from the committing
-                # transaction, so a killed or restarted session is caught before the commit.
-                held = write.scalar(_LOCK_HELD, {"pid": holder, "key": key})
-                if not held:
-                    raise DatabaseError(
-                        f"Lost the lock on company {company_id}: the database ended the session "
-                        "holding it, so another process may be syncing it; run again."
-                    )
-
             try:
-                yield still_held
+                yield _HeldLock(company_id, key, pid, started)
             finally:
                 try:
                     conn.scalar(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
@@ -487,11 +475,42 @@ def _digest(company_id: str) -> bytes:
     return hashlib.sha256(f"contacts-sync:{company_id}".encode()).digest()
 
 
+_TAKE_LOCK = text(
+    "SELECT pg_try_advisory_lock(:key), pid, backend_start FROM pg_stat_activity"
+    " WHERE pid = pg_backend_pid()"
+)
+"""Take the lock and learn who holds it: the session's pid and start time, in one statement."""
+
 _LOCK_HELD = text(
-    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = :pid"
-    " AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = :key"
+    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND ((l.classid::bigint << 32) | l.objid::bigint) = :key"
+    " AND l.pid = :pid AND a.backend_start = :started"
 )
 """Whether that session still holds that advisory lock (a bigint key shows as two oids)."""
+
+
+@dataclass(frozen=True)
+class _HeldLock:
+    """The check that a session lock is still held, called from a transaction about to commit.
+
+    A session lock lasts as long as its session, so a killed or restarted session is caught
+    before the commit. The session is known by its pid and start time: a pid alone may have
+    been reused by a new session, which could hold the same lock for another process.
+    """
+
+    company_id: str
+    key: int
+    pid: int
+    started: datetime
+
+    def __call__(self, write: Connection) -> None:
+        held = write.scalar(_LOCK_HELD, {"key": self.key, "pid": self.pid, "started": self.started})
+        if not held:
+            raise DatabaseError(
+                f"Lost the lock on company {self.company_id}: the database ended the session "
+                "holding it, so another process may be syncing it; run again."
+            )
 
 
 def _still_held(_write: Connection) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -715,6 +716,35 @@ class TestCompanyLock:
         finally:
             store.close()
             other.close()
+
+    @pytest.mark.postgres
+    @pytest.mark.parametrize("changed", ["started", "pid"])
+    def test_a_session_that_is_not_the_holder_does_not_pass_the_check(
+        self, pg_url: str, changed: str
+    ) -> None:
+        """The check knows the holding session by pid and start time: a session with the same
+        pid but another start (a reused pid) does not count as holding the lock."""
+        store = MirrorStore.open(pg_url)
+        store.write_page("42", [_row(1)], [], None, T0)
+        try:
+            with store.company_lock("42"):
+                held: Any = store._lock_checks["42"]
+                store.advance_cursor("42", T0, T0)  # the real holder passes
+                if changed == "started":
+                    other = replace(held, started=held.started - timedelta(microseconds=1))
+                else:
+                    other = replace(held, pid=held.pid + 1)
+                store._lock_checks["42"] = other
+                later = T0 + timedelta(hours=1)
+                with pytest.raises(DatabaseError, match="Lost the lock on company 42"):
+                    store.advance_cursor("42", later, later)
+                with pytest.raises(DatabaseError, match="Lost the lock"):
+                    store.mark_deleted("42", {1}, later, hard=False)
+                store._lock_checks["42"] = held
+            assert store.read_state("42").cursor == T0
+            assert store.status(["42"])[0].deleted == 0
+        finally:
+            store.close()
 
 
 class TestReconcile:
