@@ -263,6 +263,9 @@ class _SQLiteBackend(Backend):
             )
         else:
             _create_private_file(self._path, self.where)
+            # Locks are named from the file itself, not the path string: a symlink, `./a.db`
+            # and an absolute path to one file must share its locks.
+            self._lock_base = os.path.realpath(self._path)
             engine = create_engine(self.url, json_serializer=_json_dumps)
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
@@ -311,7 +314,7 @@ class _SQLiteBackend(Backend):
                 with self._held_guard:
                     self._held.discard(company_id)
             return
-        lock_path = f"{self._path}.lock.{_digest(company_id).hex()[:16]}"
+        lock_path = f"{self._lock_base}.lock.{_digest(company_id).hex()[:16]}"
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import select as io_select
 import stat
 import subprocess
@@ -678,6 +679,46 @@ class TestCompanyLock:
                 _acquire_within(store, "42", seconds=10)
             finally:
                 child.kill()
+
+    def test_every_path_to_one_sqlite_file_shares_its_locks(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A symlink, a relative path and an absolute one to the same file exclude each other:
+        in this process, and for `once` in another (exit 7)."""
+        (tmp_path / "real").mkdir()
+        real = tmp_path / "real" / "mirror.db"
+        (tmp_path / "link.db").symlink_to(real)
+        monkeypatch.chdir(tmp_path)
+        holder = MirrorStore.open(f"sqlite:///{real}")
+        others = [
+            MirrorStore.open(url) for url in ("sqlite:///link.db", "sqlite:///./real/mirror.db")
+        ]
+        try:
+            with holder.company_lock("1"):
+                for other in others:
+                    with pytest.raises(CompanyLocked), other.company_lock("1"):
+                        pass
+                config = tmp_path / "sync.toml"
+                config.write_text(
+                    '[api]\nbase_url = "http://127.0.0.1:9"\ntoken = "sandbox-token"\n'
+                    'companies = ["1"]\n[database]\nurl = "sqlite:///link.db"\n'
+                )
+                done = subprocess.run(
+                    [sys.executable, "-m", "sync", "--config", str(config), "once"],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                    env={k: v for k, v in os.environ.items() if not k.startswith("CONTACTS_SYNC_")},
+                )
+                assert done.returncode == 7, done.stderr
+            for other in others:
+                with other.company_lock("1"):
+                    pass
+        finally:
+            holder.close()
+            for other in others:
+                other.close()
 
     def test_in_memory_sqlite_locks_within_the_process(self) -> None:
         """An in-memory mirror still excludes a second holder of the same company."""
