@@ -170,11 +170,6 @@ class _Network(httpcore.NetworkBackend):
         )
         return self.track(stream)
 
-    def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.NetworkStream:
-        raise httpcore.ConnectError("unix sockets are not used")
-
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
