@@ -1,4 +1,5 @@
-"""structlog configuration, with the API token scrubbed from every event and library log line.
+"""structlog configuration, with the API token and the database password scrubbed from every event
+and library log line.
 
 JSON lines when stderr is not a terminal (journald, files), readable console output on one.
 The standard library's loggers (httpx, uvicorn, alembic) go through the same processors.
