@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -20,6 +19,7 @@ from sync.config import ApiSettings
 from sync.errors import MalformedResponse, RequestRejected, TransportFailure, UpstreamError
 from sync.retry import RetryPolicy
 from sync.rows import ParsedPage, decode_usual_page, parse_items
+from sync.stoppable import StoppableTransport, deadline
 
 __all__ = ["MAX_BODY_BYTES", "ContactsClient", "Page", "format_filter_time"]
 
@@ -84,14 +84,18 @@ class ContactsClient:
         if settings.api_version:
             headers[settings.version_header] = settings.api_version
         timeout = httpx.Timeout(settings.timeout_s, connect=min(10.0, settings.timeout_s))
+        if transport is None:
+            ca_bundle = settings.ca_bundle
+            transport = StoppableTransport(
+                max_connections=max(4, settings.concurrency * 2),
+                ca_bundle=str(ca_bundle) if ca_bundle is not None else None,
+            )
         self._http = httpx.Client(
             base_url=settings.base_url,
             headers=headers,
             timeout=timeout,
             follow_redirects=False,
-            verify=_tls_context(settings),
             transport=transport,
-            limits=httpx.Limits(max_connections=max(4, settings.concurrency * 2)),
         )
         # Every request goes to one URL with a fresh query: given as one string, httpx parses
         # it once instead of three times (base join, params merge), a third of building it.
@@ -134,9 +138,14 @@ class ContactsClient:
     def _get_page(
         self, params: dict[str, str | int], headers: dict[str, str], offset: int, limit: int
     ) -> Page:
+        # httpx's timeouts are per socket read, which a trickling server resets for ever: the
+        # deadline bounds the whole answer, headers and body, so a pass always ends.
         try:
             url = f"{self._contacts_url}?{urlencode(params)}"
-            with self._http.stream("GET", url, headers=headers) as resp:
+            with (
+                deadline(self._settings.timeout_s),
+                self._http.stream("GET", url, headers=headers) as resp,
+            ):
                 if resp.status_code != 200:
                     resp.read()
                     raise _non_200_error(resp)
@@ -145,7 +154,7 @@ class ContactsClient:
                 date = resp.headers.get("date")
         except httpx.TimeoutException:
             raise TransportFailure(
-                f"The API did not answer within {self._settings.timeout_s:g} s; "
+                f"The API did not send its whole answer within {self._settings.timeout_s:g} s; "
                 "check the network or raise api.timeout_s."
             ) from None
         except httpx.TransportError as exc:
@@ -169,13 +178,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(item) for item in value]
     return value
-
-
-def _tls_context(settings: ApiSettings) -> ssl.SSLContext | bool:
-    """Certificates are always verified: against `api.ca_bundle` when set, else the defaults."""
-    if settings.ca_bundle is None:
-        return True
-    return ssl.create_default_context(cafile=str(settings.ca_bundle))
 
 
 def _non_200_error(response: httpx.Response) -> UpstreamError:

@@ -6,6 +6,7 @@ and the translation of driver errors into DatabaseError; the SQL the two share s
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -16,17 +17,21 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar, cast
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import URL, Connection, Engine, Table, create_engine, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError, StatementError
 from sqlalchemy.pool import StaticPool
 
 from sync.errors import CompanyLocked, DatabaseError
+from sync.log import redactor
 from sync.models import sqlite_timestamp, sqlite_timestamps
 from sync.rows import ContactRow
 
@@ -39,10 +44,15 @@ _WRITE_OPTION = "contacts_sync_write"
 
 
 def open_backend(url: str) -> Backend:
-    """The backend for a database.url, with its engine created but not yet connected."""
+    """The backend for a database.url, with its engine created but not yet connected.
+
+    The URL's passwords are registered with the redactor first: driver errors may echo them.
+    """
+    for secret in database_secrets(url):
+        redactor().add(secret)
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise DatabaseError(
             "database.url is not a valid SQLAlchemy URL; "
             "use sqlite:///path/to/file.db or postgresql+psycopg://user@host/db."
@@ -56,6 +66,22 @@ def open_backend(url: str) -> Backend:
             "use sqlite:///path/to/file.db or postgresql+psycopg://user@host/db."
         )
     return backend_type(parsed)
+
+
+def database_secrets(url: str) -> set[str]:
+    """Every password a database.url holds: in the URL's user info or its `password=` query
+    parameter (decoded), or in a libpq `key=value` string (quoted or not)."""
+    secrets: set[str] = set()
+    with contextlib.suppress(ValueError):  # urlsplit is lenient: a bad port is no obstacle
+        parts = urlsplit(url)
+        if parts.password:
+            secrets.add(unquote(parts.password))
+        secrets.update(parse_qs(parts.query).get("password", ()))
+    with contextlib.suppress(psycopg.ProgrammingError):
+        in_dsn = conninfo_to_dict(url).get("password")
+        if isinstance(in_dsn, str):
+            secrets.add(in_dsn)
+    return {secret for secret in secrets if secret}
 
 
 class Backend(ABC):
@@ -74,7 +100,8 @@ class Backend(ABC):
 
     def __init__(self, url: URL) -> None:
         self.url = url
-        self.where = url.render_as_string(hide_password=True)
+        shown = url.set(query={k: v for k, v in url.query.items() if k != "password"})
+        self.where = shown.render_as_string(hide_password=True)
         self.engine = self._create_engine()
         self._inserts: dict[str, Any] = {}
 
@@ -146,11 +173,10 @@ class Backend(ABC):
             raise self._database_error(doing, exc) from exc
 
     def _database_error(self, doing: str, exc: Exception) -> DatabaseError:
-        """One sentence naming the database (never its password) and what to do next."""
+        """One sentence naming the database (never its password: the redactor knows it) and
+        what to do next."""
         cause = getattr(exc, "orig", None) or exc
         reason = _first_line(cause)
-        if self.url.password:
-            reason = reason.replace(str(self.url.password), "***")
         kind = self._error_kind(cause)
         if kind == "readonly":
             return DatabaseError(
@@ -237,6 +263,9 @@ class _SQLiteBackend(Backend):
             )
         else:
             _create_private_file(self._path, self.where)
+            # Locks are named from the file itself, not the path string: a symlink, `./a.db`
+            # and an absolute path to one file must share its locks.
+            self._lock_base = os.path.realpath(self._path)
             engine = create_engine(self.url, json_serializer=_json_dumps)
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
@@ -285,7 +314,7 @@ class _SQLiteBackend(Backend):
                 with self._held_guard:
                     self._held.discard(company_id)
             return
-        lock_path = f"{self._path}.lock.{_digest(company_id).hex()[:16]}"
+        lock_path = f"{self._lock_base}.lock.{_digest(company_id).hex()[:16]}"
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -372,24 +401,11 @@ class _PostgresBackend(Backend):
             with self._errors("open"):
                 # Autocommit: holding the session-level lock leaves no transaction idle.
                 conn.execution_options(isolation_level="AUTOCOMMIT")
-                acquired, holder = conn.execute(
-                    text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"), {"key": key}
-                ).one()
+                acquired, pid, started = conn.execute(_TAKE_LOCK, {"key": key}).one()
             if not acquired:
                 raise CompanyLocked(company_id)
-
-            def still_held(write: Connection) -> None:
-                # A session lock lasts as long as its session: checked from the committing
-                # transaction, so a killed or restarted session is caught before the commit.
-                held = write.scalar(_LOCK_HELD, {"pid": holder, "key": key})
-                if not held:
-                    raise DatabaseError(
-                        f"Lost the lock on company {company_id}: the database ended the session "
-                        "holding it, so another process may be syncing it; run again."
-                    )
-
             try:
-                yield still_held
+                yield _HeldLock(company_id, key, pid, started)
             finally:
                 try:
                     conn.scalar(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
@@ -462,11 +478,42 @@ def _digest(company_id: str) -> bytes:
     return hashlib.sha256(f"contacts-sync:{company_id}".encode()).digest()
 
 
+_TAKE_LOCK = text(
+    "SELECT pg_try_advisory_lock(:key), pid, backend_start FROM pg_stat_activity"
+    " WHERE pid = pg_backend_pid()"
+)
+"""Take the lock and learn who holds it: the session's pid and start time, in one statement."""
+
 _LOCK_HELD = text(
-    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = :pid"
-    " AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = :key"
+    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND ((l.classid::bigint << 32) | l.objid::bigint) = :key"
+    " AND l.pid = :pid AND a.backend_start = :started"
 )
 """Whether that session still holds that advisory lock (a bigint key shows as two oids)."""
+
+
+@dataclass(frozen=True)
+class _HeldLock:
+    """The check that a session lock is still held, called from a transaction about to commit.
+
+    A session lock lasts as long as its session, so a killed or restarted session is caught
+    before the commit. The session is known by its pid and start time: a pid alone may have
+    been reused by a new session, which could hold the same lock for another process.
+    """
+
+    company_id: str
+    key: int
+    pid: int
+    started: datetime
+
+    def __call__(self, write: Connection) -> None:
+        held = write.scalar(_LOCK_HELD, {"key": self.key, "pid": self.pid, "started": self.started})
+        if not held:
+            raise DatabaseError(
+                f"Lost the lock on company {self.company_id}: the database ended the session "
+                "holding it, so another process may be syncing it; run again."
+            )
 
 
 def _still_held(_write: Connection) -> None:

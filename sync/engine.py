@@ -397,10 +397,23 @@ class SyncEngine:
         if backfill:
             return BACKFILL, floor_to_second(since) if since is not None else None
         if cursor is not None:
-            lookback = timedelta(seconds=self._settings.sync.lookback_s)
-            return INCREMENTAL, floor_to_second(cursor - lookback)
+            return INCREMENTAL, self._incremental_since(cursor)
         initial = self._settings.sync.initial_since
         return INCREMENTAL, floor_to_second(initial) if initial is not None else None
+
+    def _incremental_since(self, cursor: datetime) -> datetime:
+        """The filter an incremental pass sends: the cursor minus the lookback, whole seconds."""
+        return floor_to_second(cursor - timedelta(seconds=self._settings.sync.lookback_s))
+
+    def _covers_cursor(self, filter_since: datetime | None, cursor: datetime | None) -> bool:
+        """Whether a pass with this filter read every row the next incremental pass would skip.
+
+        A later filter (`backfill --since` after downtime) left rows between the two unread, so
+        the cursor must stay where it is for the next pass to fetch them.
+        """
+        if filter_since is None or cursor is None:
+            return True
+        return filter_since <= self._incremental_since(cursor)
 
     def _walk(
         self,
@@ -485,9 +498,22 @@ class SyncEngine:
     def _finish_pass(
         self, company_id: str, walked: tuple[datetime | None, datetime], report: PassReport
     ) -> datetime | None:
-        """Advance the cursor: to the newest row seen, but never past the pass's start."""
+        """Advance the cursor: to the newest row seen, but never past the pass's start, and not
+        at all when the pass's filter left rows after the cursor unread."""
         high_water, pass_began = walked
         target = None if high_water is None else min(high_water, pass_began)
+        if target is not None and not self._covers_cursor(
+            report.filter_since, report.cursor_before
+        ):
+            log.warning(
+                "pass.cursor_kept",
+                company_id=company_id,
+                cursor=report.cursor_before.isoformat() if report.cursor_before else None,
+                filter_since=report.filter_since.isoformat() if report.filter_since else None,
+                hint="rows updated between the cursor and the filter were not read; "
+                "the next incremental pass reads them",
+            )
+            target = None
         return self._store.advance_cursor(
             company_id, target, self._clock(), summary=report.as_event()
         )

@@ -145,7 +145,7 @@ class UpstreamError(SyncError):
                 status=status,
                 key=key,
             )
-        if status >= 500:
+        if status >= 500 or status in (408, 425):
             return ServerError(
                 f"The API kept failing with {status}{said}; "
                 "check the CRM's status and run again later.",
@@ -227,7 +227,11 @@ class RateLimited(TransientUpstreamError):
 
 
 class ServerError(TransientUpstreamError):
-    pass
+    """5xx, and 408 (Request Timeout) and 425 (Too Early), which ask for the request again."""
+
+    @property
+    def reason(self) -> str:
+        return "5xx" if self.status is None or self.status >= 500 else str(self.status)
 
 
 class TransportFailure(TransientUpstreamError):

@@ -1,4 +1,5 @@
-"""structlog configuration, with the API token scrubbed from every event and library log line.
+"""structlog configuration, with the API token and the database password scrubbed from every event
+and library log line.
 
 JSON lines when stderr is not a terminal (journald, files), readable console output on one.
 The standard library's loggers (httpx, uvicorn, alembic) go through the same processors.
@@ -7,9 +8,11 @@ The standard library's loggers (httpx, uvicorn, alembic) go through the same pro
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, Literal
+from urllib.parse import quote, quote_plus
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -26,19 +29,35 @@ _LEVELS = {
 }
 
 
+_PERCENT = re.compile(r"%[0-9A-F]{2}")
+
+
+def _written_forms(secret: str) -> set[str]:
+    """The secret as URLs, query strings and libpq strings may carry it: percent-encoded (either
+    case of hex digits, spaces as %20 or +), and with libpq's backslash escapes."""
+    encoded = {quote(secret, safe=""), quote_plus(secret), quote(secret)}
+    lower = {_PERCENT.sub(lambda m: m.group(0).lower(), form) for form in encoded}
+    escaped = secret.replace("\\", "\\\\").replace("'", "\\'")
+    return {secret, escaped, *encoded, *lower}
+
+
 class SecretRedactor:
-    """Replaces every registered secret, wherever it appears in an event, by a marker."""
+    """Replaces every registered secret, in every written form, wherever it appears in an event,
+    by a marker."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._secrets: list[str] = []
+        for secret in secrets:
+            self.add(secret)
 
     def forget(self) -> None:
         """Drop every registered secret: for a process that serves one config after another."""
         self._secrets = []
 
     def add(self, secret: str) -> None:
-        if secret and secret not in self._secrets:
-            self._secrets = sorted([*self._secrets, secret], key=len, reverse=True)
+        if secret:
+            forms = _written_forms(secret).union(self._secrets)
+            self._secrets = sorted(forms, key=len, reverse=True)
 
     def scrub(self, value: Any) -> Any:
         if not self._secrets:

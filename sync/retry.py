@@ -1,7 +1,8 @@
 """The retry policy for upstream requests, in one place.
 
-Which failures are retried is decided by type: every `TransientUpstreamError` (412, 429, 5xx,
-timeouts, resets, malformed bodies; see `UpstreamError.from_response`) is, nothing else is.
+Which failures are retried is decided by type: every `TransientUpstreamError` (408, 412, 425,
+429, 5xx, timeouts, resets, malformed bodies; see `UpstreamError.from_response`) is, nothing
+else is.
 """
 
 from __future__ import annotations

@@ -156,9 +156,9 @@ class TestFromResponse:
         assert error.retry_after is not None
         assert error.retry_after > 0
 
-    @pytest.mark.parametrize("status", [500, 502, 503, 504])
+    @pytest.mark.parametrize("status", [500, 502, 503, 504, 408, 425])
     def test_server_errors_are_transient(self, status: int) -> None:
-        """5xx is ServerError: retried, and exit 5 once retries run out."""
+        """5xx, 408 and 425 are ServerError: retried, and exit 5 once retries run out."""
         error = _from(status, json={"key": "internal", "message": "boom"})
         assert type(error) is ServerError
         assert isinstance(error, TransientUpstreamError)

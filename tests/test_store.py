@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import select as io_select
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -678,6 +680,46 @@ class TestCompanyLock:
             finally:
                 child.kill()
 
+    def test_every_path_to_one_sqlite_file_shares_its_locks(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A symlink, a relative path and an absolute one to the same file exclude each other:
+        in this process, and for `once` in another (exit 7)."""
+        (tmp_path / "real").mkdir()
+        real = tmp_path / "real" / "mirror.db"
+        (tmp_path / "link.db").symlink_to(real)
+        monkeypatch.chdir(tmp_path)
+        holder = MirrorStore.open(f"sqlite:///{real}")
+        others = [
+            MirrorStore.open(url) for url in ("sqlite:///link.db", "sqlite:///./real/mirror.db")
+        ]
+        try:
+            with holder.company_lock("1"):
+                for other in others:
+                    with pytest.raises(CompanyLocked), other.company_lock("1"):
+                        pass
+                config = tmp_path / "sync.toml"
+                config.write_text(
+                    '[api]\nbase_url = "http://127.0.0.1:9"\ntoken = "sandbox-token"\n'
+                    'companies = ["1"]\n[database]\nurl = "sqlite:///link.db"\n'
+                )
+                done = subprocess.run(
+                    [sys.executable, "-m", "sync", "--config", str(config), "once"],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                    env={k: v for k, v in os.environ.items() if not k.startswith("CONTACTS_SYNC_")},
+                )
+                assert done.returncode == 7, done.stderr
+            for other in others:
+                with other.company_lock("1"):
+                    pass
+        finally:
+            holder.close()
+            for other in others:
+                other.close()
+
     def test_in_memory_sqlite_locks_within_the_process(self) -> None:
         """An in-memory mirror still excludes a second holder of the same company."""
         memory = MirrorStore.open("sqlite://")
@@ -715,6 +757,35 @@ class TestCompanyLock:
         finally:
             store.close()
             other.close()
+
+    @pytest.mark.postgres
+    @pytest.mark.parametrize("changed", ["started", "pid"])
+    def test_a_session_that_is_not_the_holder_does_not_pass_the_check(
+        self, pg_url: str, changed: str
+    ) -> None:
+        """The check knows the holding session by pid and start time: a session with the same
+        pid but another start (a reused pid) does not count as holding the lock."""
+        store = MirrorStore.open(pg_url)
+        store.write_page("42", [_row(1)], [], None, T0)
+        try:
+            with store.company_lock("42"):
+                held: Any = store._lock_checks["42"]
+                store.advance_cursor("42", T0, T0)  # the real holder passes
+                if changed == "started":
+                    other = replace(held, started=held.started - timedelta(microseconds=1))
+                else:
+                    other = replace(held, pid=held.pid + 1)
+                store._lock_checks["42"] = other
+                later = T0 + timedelta(hours=1)
+                with pytest.raises(DatabaseError, match="Lost the lock on company 42"):
+                    store.advance_cursor("42", later, later)
+                with pytest.raises(DatabaseError, match="Lost the lock"):
+                    store.mark_deleted("42", {1}, later, hard=False)
+                store._lock_checks["42"] = held
+            assert store.read_state("42").cursor == T0
+            assert store.status(["42"])[0].deleted == 0
+        finally:
+            store.close()
 
 
 class TestReconcile:

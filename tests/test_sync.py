@@ -151,6 +151,66 @@ class TestIncremental:
         assert mirror_rows(db_url)[late] == upstream_rows(sandbox)[late]
 
 
+class TestBackfillSince:
+    """`backfill --since TS` after a downtime: rows updated between the cursor and TS exist
+    upstream but were not read, so the cursor must not move past them."""
+
+    def test_a_later_since_keeps_the_cursor_and_the_next_pass_reads_the_gap(
+        self, db_url: str
+    ) -> None:
+        """A backfill from yesterday after a week down leaves the cursor where it was, so the
+        next incremental pass fetches the rows updated in the gap, and the mirror is exact."""
+        now = datetime.now(UTC)
+        clock = [now - timedelta(days=7)]
+        data = SandboxData.generate(("1",), 300, seed=4, clock=lambda: clock[0])
+        with SandboxServer(data) as server:
+            settings = make_settings(server, db_url)
+            run_pass(settings)
+            cursor = cursor_of(settings)
+            assert cursor is not None
+            clock[0] = now - timedelta(days=3)
+            gap = server.data.update("1", range(1, 21))
+            clock[0] = now - timedelta(hours=1)
+            recent = server.data.update("1", range(21, 41))
+            report = run_pass(settings, backfill=True, since=now - timedelta(days=1))
+            assert report.cursor_after == cursor
+            assert cursor_of(settings) == cursor
+            mirrored = mirror_rows(db_url)
+            upstream = upstream_rows(server)
+            assert all(mirrored[i] == upstream[i] for i in recent)
+            assert all(mirrored[i] != upstream[i] for i in gap)
+            run_pass(settings)
+            assert mirror_rows(db_url) == upstream_rows(server)
+            assert cursor_of(settings) > now - timedelta(hours=2)  # type: ignore[operator]
+
+    def test_a_since_before_the_cursor_window_advances_the_cursor(self, db_url: str) -> None:
+        """A backfill whose filter covers cursor minus lookback read everything after the
+        cursor, so it moves the cursor to the newest row, as an incremental pass would."""
+        now = datetime.now(UTC)
+        clock = [now - timedelta(days=7)]
+        data = SandboxData.generate(("1",), 300, seed=4, clock=lambda: clock[0])
+        with SandboxServer(data) as server:
+            settings = make_settings(server, db_url)
+            run_pass(settings)
+            cursor = cursor_of(settings)
+            clock[0] = now - timedelta(hours=1)
+            (changed,) = server.data.update("1", count=1)
+            since = cursor - timedelta(seconds=301)  # type: ignore[operator]
+            run_pass(settings, backfill=True, since=since)
+            newest = datetime.fromisoformat(upstream_rows(server)[changed]["updated_at"])
+            assert cursor_of(settings) == newest
+            assert mirror_rows(db_url) == upstream_rows(server)
+
+    def test_a_company_without_cursor_gets_one_from_a_backfill_since(
+        self, sandbox: SandboxServer, db_url: str
+    ) -> None:
+        """With no cursor yet there is nothing to leave unread behind it: the cursor is set."""
+        settings = make_settings(sandbox, db_url)
+        report = run_pass(settings, backfill=True, since=datetime.now(UTC) - timedelta(days=400))
+        assert report.cursor_after is not None
+        assert cursor_of(settings) == report.cursor_after
+
+
 class TestFailures:
     def test_failed_pass_keeps_cursor_and_rerun_resumes_exact(
         self, sandbox: SandboxServer, db_url: str
