@@ -20,7 +20,14 @@ from rich.text import Text
 
 from sync.config import Settings, config_warnings, load_settings
 from sync.engine import CompanyOutcome, PassObserver, ReconcileReport, SyncEngine
-from sync.errors import ConfigError, SyncError, exit_code_for, severity_rank, worst_exit_code
+from sync.errors import (
+    ConfigError,
+    DeletionRefused,
+    SyncError,
+    exit_code_for,
+    severity_rank,
+    worst_exit_code,
+)
 from sync.log import configure_logging, get_logger, redactor
 from sync.progress import progress_for
 from sync.rows import parse_timestamp
@@ -147,6 +154,10 @@ def backfill(
 def reconcile(
     ctx: typer.Context,
     company: Annotated[str | None, typer.Option(help="Only this company id.")] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Mark the missing rows even past sync.max_delete_fraction."),
+    ] = False,
 ) -> int:
     """Scan every id upstream and mark the rows that vanished there (sync.deletes)."""
     settings = _settings(ctx)
@@ -154,20 +165,35 @@ def reconcile(
     with _engine(settings) as engine:
         for company_id in _companies(settings, company):
             try:
-                found = engine.reconcile_company(company_id)
+                found = engine.reconcile_company(company_id, force=force)
             except SyncError as exc:
                 outcomes.append(CompanyOutcome(company_id, None, exc))
                 continue
+            said = _reconciled(found, settings.sync.deletes)
+            if found.refused:
+                outcomes.append(CompanyOutcome(company_id, None, DeletionRefused(said)))
+                continue
             outcomes.append(CompanyOutcome(company_id, None, None))
-            stdout.print(_reconciled(found, settings.sync.deletes))
+            stdout.print(said)
     return _finish(outcomes)
 
 
 def _reconciled(found: ReconcileReport, deletes: str) -> str:
-    said = (
-        f"Company {found.company_id}: {found.scanned:,} rows upstream, "
-        f"{found.missing:,} missing from it"
-    )
+    """One sentence: what the scan saw, what it did, and what to do when it did nothing."""
+    if found.refused:
+        return (
+            f"Reconcile marked nothing: {found.reason}; check upstream, then run "
+            "contacts-sync reconcile --force to mark them."
+        )
+    said = f"{found.scanned:,} rows upstream, {found.missing:,} of the mirror's missing from it"
+    if found.older_upstream:
+        examples = ", ".join(map(str, found.older_examples))
+        said += (
+            f", {found.older_upstream:,} served older than the mirror's copy (ids {examples}"
+            f"{', ...' if found.older_upstream > len(found.older_examples) else ''}: upstream "
+            "may be a restored backup or a lagging replica; the mirror kept its newer rows)"
+        )
+    said = f"Company {found.company_id}: {said}"
     if not found.certain:
         return f"{said}; marked nothing because {found.reason}, so run reconcile again later."
     verb = "deleted" if deletes == "hard" else "marked deleted"
@@ -220,6 +246,7 @@ def _status_json(row: CompanyStatus) -> dict[str, Any]:
         "deleted": row.deleted,
         "quarantined": row.quarantined,
         "last_pass": row.last_pass,
+        "last_reconcile": row.last_reconcile,
     }
 
 
@@ -260,7 +287,29 @@ def _status_table(rows: Sequence[CompanyStatus]) -> RenderableType:
                     "excluded; upstream may have changed how it filters."
                 )
             )
+        errors.extend(Text(line) for line in _reconcile_notes(row))
     return Group(table, *errors)
+
+
+def _reconcile_notes(row: CompanyStatus) -> list[str]:
+    """What the last reconcile left for a person to look at: a refusal, unsure or older rows."""
+    last = row.last_reconcile or {}
+    notes = []
+    if last.get("refused") or not last.get("certain", True):
+        fix = "run contacts-sync reconcile --force" if last.get("refused") else "run it again"
+        notes.append(
+            f"company {row.company_id}: the last reconcile marked nothing because "
+            f"{last.get('reason')}; check upstream, then {fix}."
+        )
+    older = last.get("older_upstream")
+    if older:
+        examples = ", ".join(map(str, last.get("older_examples", [])))
+        notes.append(
+            f"company {row.company_id}: the last reconcile found {older:,} "
+            f"row{'s' if older != 1 else ''} upstream older than the mirror's (ids {examples}); "
+            "upstream may be a restored backup or a lagging replica, the mirror kept its own."
+        )
+    return notes
 
 
 @app.command()

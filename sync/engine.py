@@ -8,10 +8,11 @@ must look again from there.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
@@ -31,7 +32,7 @@ from sync.errors import (
 from sync.log import get_logger, redactor
 from sync.paging import Bound, Fetch, PageStep, WalkStats, walk_pages
 from sync.retry import RetryPolicy
-from sync.rows import ContactRow, RowKey
+from sync.rows import ContactRow, ParsedPage, RejectedRow, RowKey
 from sync.store import Checkpoint, MirrorStore, PageWriter
 
 __all__ = [
@@ -48,8 +49,10 @@ _updated_at = attrgetter("updated_at")
 _Result = TypeVar("_Result")
 
 INCREMENTAL = "incremental"
-_RECONCILE_WALKS = 4
-"""Incremental re-reads after a deletion scan before it gives up on being sure."""
+_REREAD_WALKS = 4
+"""Most incremental re-reads after a deletion's full scan: each one bounded, so the whole is."""
+_EXAMPLES = 5
+"""Example ids a reconcile names for rows upstream served older than the mirror's."""
 BACKFILL = "backfill"
 _MAX_TRANSACTION_S = 0.25
 """Longest a group of pages stays uncommitted: what a kill re-fetches, and how long other
@@ -100,17 +103,37 @@ class PassReport:
 
 @dataclass
 class ReconcileReport:
-    """What a deletion scan found; `certain` is False when it marked nothing to stay safe."""
+    """What a deletion scan found and did; logged as one event and kept for `status`.
+
+    `certain` is False when it marked nothing because it could not be sure; `refused` when it
+    marked nothing because it would have marked more than `sync.max_delete_fraction`.
+    """
 
     company_id: str
     scanned: int = 0
+    """Distinct rows the full scan listed (the re-read walks are not counted)."""
     requests: int = 0
+    walks: int = 0
+    """Walks made: the full scan and its re-reads."""
+    judged: int = 0
+    """Live mirror rows the scan could have seen: the company's, of `api.client_id` if set."""
     missing: int = 0
     marked: int = 0
     restored: int = 0
+    unreadable: int = 0
+    """Items served whose id could not be read: any of them may be a missing row."""
+    older_upstream: int = 0
+    """Rows upstream served older than the mirror's copy (a restored backup, a lagging
+    replica): the mirror keeps its newer version."""
+    older_examples: list[int] = field(default_factory=list)
     certain: bool = True
+    refused: bool = False
+    forced: bool = False
     reason: str | None = None
     duration_s: float = 0.0
+
+    def as_event(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class PassObserver(Protocol):
@@ -147,10 +170,13 @@ class SyncEngine:
         observer: PassObserver | None = None,
         clock: Callable[[], datetime] = utc_now,
         stop: threading.Event | None = None,
+        unfiltered: ContactsClient | None = None,
     ) -> None:
         self._settings = settings
         self._stop = stop
         self._client = client
+        self._unfiltered = unfiltered
+        """A client without `api.client_id`, when it is set: reconcile looks for moved rows."""
         self._store = store
         self._retries = retries if retries is not None else Counter()
         self._observer = observer
@@ -191,7 +217,19 @@ class SyncEngine:
             sleep=pause,
         )
         client = ContactsClient(settings.api, token, policy, transport=transport)
-        return cls(settings, client, store, retries=retries, observer=observer, stop=stop)
+        unfiltered = None
+        if settings.api.client_id is not None:
+            every_client = settings.api.model_copy(update={"client_id": None})
+            unfiltered = ContactsClient(every_client, token, policy, transport=transport)
+        return cls(
+            settings,
+            client,
+            store,
+            retries=retries,
+            observer=observer,
+            stop=stop,
+            unfiltered=unfiltered,
+        )
 
     @property
     def retries(self) -> dict[str, int]:
@@ -200,6 +238,8 @@ class SyncEngine:
 
     def close(self) -> None:
         self._client.close()
+        if self._unfiltered is not None:
+            self._unfiltered.close()
 
     def sync_all(
         self,
@@ -236,14 +276,13 @@ class SyncEngine:
             lambda: self._run_pass(company_id, backfill=backfill, since=since, restart=restart),
         )
 
-    def reconcile_company(self, company_id: str) -> ReconcileReport:
+    def reconcile_company(self, company_id: str, *, force: bool = False) -> ReconcileReport:
         """Find rows that vanished upstream and mark them (or delete them, `sync.deletes`).
 
-        A full scan is trusted for rows that did not change while it ran; rows changed since
-        it began are then read again by incremental walks until two in a row agree. A scan
-        that cannot be sure marks nothing and says why.
+        `force` marks them even past `sync.max_delete_fraction`; see `_reconcile` for which
+        rows count as vanished.
         """
-        return self._under_lock(company_id, lambda: self._reconcile(company_id))
+        return self._under_lock(company_id, lambda: self._reconcile(company_id, force=force))
 
     def _under_lock(self, company_id: str, work: Callable[[], _Result]) -> _Result:
         """Run work as the company's only writer; a failure is recorded for `status`."""
@@ -256,56 +295,135 @@ class SyncEngine:
                 self._record_failure(company_id, exc)
                 raise
 
-    def _reconcile(self, company_id: str) -> ReconcileReport:
+    def _reconcile(self, company_id: str, *, force: bool) -> ReconcileReport:
+        """Mark the judged rows that are proven gone: absent from the full scan and every re-read.
+
+        The proof, for a live mirror row R that upstream still holds: if R existed unchanged
+        through the full scan, the scan saw it (the paging guarantee). Otherwise R changed
+        during it, so its `updated_at` is now later than the scan's start (the earlier of our
+        clock and the server's), and every re-read walk (`gt: start - lookback_s`) lists it;
+        the first one it stays unchanged through sees it. So R is missed by all of them only if
+        it changed during every one. Assumption: no live row changes during each of up to five
+        consecutive walks; the re-reads stop as soon as nothing is missing or two in a row list
+        the same rows. With `api.client_id` set, a row moved to another client is live but
+        outside the filter; every change bumps `updated_at`, so the re-reads are made without
+        the client filter, from the oldest missing row's mirrored `updated_at`.
+
+        Never marked: rows of another client than `api.client_id`, ids that upstream served
+        broken (quarantined), and anything at all when an item's id cannot be read.
+        """
         started = time.monotonic()
-        report = ReconcileReport(company_id)
+        report = ReconcileReport(company_id, forced=force)
+        client_id = self._settings.api.client_id
+        lookback = timedelta(seconds=self._settings.sync.lookback_s)
+        deleted_before = set(self._store.versions(company_id, deleted=True))
         scan_began = self._clock()
-        deleted_before = self._store.deleted_ids(company_id)
-        seen, scan_began = self._scan_ids(company_id, None, scan_began, report)
-        since = floor_to_second(scan_began - timedelta(seconds=self._settings.sync.lookback_s))
-        live = self._store.live_ids(company_id)
-        back_again = deleted_before & seen
+        full = self._scan_keys(company_id, None, report)
+        report.scanned = len(full.newest)
+        if full.server_began is not None:
+            scan_began = min(scan_began, full.server_began)
+        mirror = self._store.versions(company_id)
+        judged = {
+            contact_id
+            for contact_id, version in mirror.items()
+            if not version.deleted and (client_id is None or version.client_id == client_id)
+        }
+        report.judged = len(judged)
+        seen = full
+        missing = judged - full.present
+        if missing:
+            oldest = [scan_began]
+            if client_id is not None:
+                oldest += (mirror[contact_id].updated_at for contact_id in missing)
+            since = floor_to_second(min(oldest) - lookback)
+            previous: set[RowKey] | None = None
+            for _ in range(_REREAD_WALKS):
+                walk = self._scan_keys(company_id, since, report, unfiltered=True, keep=missing)
+                seen = seen.merged(walk)
+                missing -= walk.present
+                if not missing or walk.keys == previous:
+                    break
+                previous = walk.keys
+        back_again = deleted_before & seen.present
         self._store.undelete(company_id, back_again)
         report.restored = len(back_again)
-        missing = live - seen
-        if not seen and live:
-            report.certain, report.reason = False, "upstream listed no rows at all"
-        elif missing:
-            previous: set[RowKey] | None = None
-            for _ in range(_RECONCILE_WALKS):
-                keys, _ = self._scan_keys(company_id, since, report)
-                missing -= {contact_id for contact_id, _ in keys}
-                if keys == previous:
-                    break
-                previous = keys
-            else:
-                report.certain, report.reason = False, "upstream kept changing during the scan"
         report.missing = len(missing)
-        if report.certain and missing:
+        report.unreadable = len(seen.unreadable)
+        older = sorted(
+            contact_id
+            for contact_id, newest in seen.newest.items()
+            if contact_id in mirror and mirror[contact_id].updated_at > newest
+        )
+        report.older_upstream = len(older)
+        report.older_examples = older[:_EXAMPLES]
+        if missing:
+            self._judge(report, missing, any_listed=bool(full.present), force=force)
+        if report.certain and not report.refused and missing:
             hard = self._settings.sync.deletes == "hard"
             report.marked = self._store.mark_deleted(company_id, missing, self._clock(), hard=hard)
         report.duration_s = round(time.monotonic() - started, 3)
-        log.info("reconcile.finished", **asdict(report))
+        self._store.record_reconcile(company_id, report.as_event())
+        if report.older_upstream:
+            log.warning(
+                "reconcile.older_upstream",
+                company_id=company_id,
+                count=report.older_upstream,
+                example_ids=report.older_examples,
+                hint="upstream served older versions than the mirror's; the mirror kept its own",
+            )
+        if report.refused:
+            log.warning("reconcile.refused", company_id=company_id, reason=report.reason)
+        log.info("reconcile.finished", **report.as_event())
         return report
 
-    def _scan_ids(
-        self, company_id: str, since: datetime | None, began: datetime, report: ReconcileReport
-    ) -> tuple[set[int], datetime]:
-        keys, server_began = self._scan_keys(company_id, since, report)
-        if server_began is not None:
-            began = min(began, server_began)
-        return {contact_id for contact_id, _ in keys}, began
+    def _judge(
+        self, report: ReconcileReport, missing: set[int], *, any_listed: bool, force: bool
+    ) -> None:
+        """Whether the missing rows may be marked: an unsure scan never, an implausible one
+        only with `force`; `report.reason` says why not."""
+        if report.unreadable:
+            report.certain = False
+            report.reason = (
+                f"upstream served {report.unreadable:,} item"
+                f"{'s' if report.unreadable != 1 else ''} whose id cannot be read, "
+                "and any of them may be a missing row"
+            )
+            return
+        fraction = self._settings.sync.max_delete_fraction
+        share = len(missing) / max(report.judged, 1)
+        if not any_listed:
+            reason = "upstream listed no rows at all"
+        elif share > fraction:
+            reason = (
+                f"{len(missing):,} of {report.judged:,} live rows ({share:.0%}) are missing, "
+                f"more than sync.max_delete_fraction ({fraction:g}) allows"
+            )
+        else:
+            return
+        report.reason = reason
+        report.refused = not force
 
     def _scan_keys(
-        self, company_id: str, since: datetime | None, report: ReconcileReport
-    ) -> tuple[set[RowKey], datetime | None]:
-        """Walk the (filtered) list, storing what it reads; the keys seen and the server's time."""
+        self,
+        company_id: str,
+        since: datetime | None,
+        report: ReconcileReport,
+        *,
+        unfiltered: bool = False,
+        keep: Collection[int] = (),
+    ) -> _Seen:
+        """Walk the list, storing what it reads; what it saw and the server's time.
+
+        `unfiltered` walks without `api.client_id` (when set), storing only rows of that
+        client or in `keep`: other clients' rows are not the mirror's.
+        """
         api = self._settings.api
         stats = WalkStats()
-        keys: set[RowKey] = set()
-        server_began = None
+        seen = _Seen()
+        client = self._unfiltered if unfiltered and self._unfiltered is not None else self._client
+        only = api.client_id if client is not self._client else None
         steps = walk_pages(
-            self._fetcher(company_id, since),
+            self._fetcher(client, company_id, since),
             limit=api.page_size,
             concurrency=api.concurrency,
             stats=stats,
@@ -314,20 +432,20 @@ class SyncEngine:
         with self._store.page_writer(company_id) as writer:
             for step in steps:
                 parsed = step.page.parsed
-                if server_began is None:
-                    server_began = step.page.server_time
-                keys.update(key for key in parsed.keys if key is not None)
-                writer.write(parsed.rows, parsed.rejected, None, self._clock())
+                if seen.server_began is None:
+                    seen.server_began = step.page.server_time
+                seen.add(parsed)
+                rows, rejected = _ours(parsed, only, keep)
+                writer.write(rows, rejected, None, self._clock())
                 _commit_unless_more_ready(writer, step)
                 if self._stop is not None and self._stop.is_set() and not step.last:
                     raise PassInterrupted(company_id)
-        report.scanned += len(keys)
+        report.walks += 1
         report.requests += stats.requests
-        return keys, server_began
+        return seen
 
-    def _fetcher(self, company_id: str, since: datetime | None) -> Fetch:
+    def _fetcher(self, client: ContactsClient, company_id: str, since: datetime | None) -> Fetch:
         """The walk's fetch: the pass's `gt:` filter, or for one request the walk's own bound."""
-        client = self._client
 
         def fetch(offset: int, limit: int, bound: Bound | None = None, /) -> Page:
             if bound is None:
@@ -432,7 +550,7 @@ class SyncEngine:
         stats = WalkStats()
         off_seen: set[RowKey] = set()
         steps = walk_pages(
-            self._fetcher(company_id, filter_since),
+            self._fetcher(self._client, company_id, filter_since),
             limit=api.page_size,
             concurrency=api.concurrency,
             start_offset=checkpoint.next_offset if checkpoint else 0,
@@ -545,3 +663,84 @@ def _resumable(checkpoint: Checkpoint, mode: str, filter_since: datetime | None)
     if checkpoint.mode == BACKFILL and mode == INCREMENTAL:
         return True
     return checkpoint.mode == mode and checkpoint.filter_since == filter_since
+
+
+@dataclass
+class _Seen:
+    """What reconcile's walks saw: every key, the newest version and the ids served broken."""
+
+    keys: set[RowKey] = field(default_factory=set)
+    newest: dict[int, datetime] = field(default_factory=dict)
+    """The newest `updated_at` served per valid id."""
+    broken: set[int] = field(default_factory=set)
+    """Ids of items served in a form that cannot be stored: live, so never marked."""
+    unreadable: set[str] = field(default_factory=set)
+    """Items served whose id cannot be read, as JSON: a page overlap reads one twice."""
+    server_began: datetime | None = None
+
+    @property
+    def present(self) -> set[int]:
+        """Ids upstream holds, stored or not."""
+        return self.newest.keys() | self.broken
+
+    def add(self, parsed: ParsedPage) -> None:
+        newest = self.newest
+        for key in parsed.keys:
+            if key is None:
+                continue
+            self.keys.add(key)
+            contact_id, updated_at = key
+            known = newest.get(contact_id)
+            if known is None or known < updated_at:
+                newest[contact_id] = updated_at
+        for item in parsed.rejected:
+            named = _readable_id(item)
+            if named is None:
+                self.unreadable.add(json.dumps(item.payload, sort_keys=True, default=str))
+            elif named > 0:
+                self.broken.add(named)
+
+    def merged(self, other: _Seen) -> _Seen:
+        newest = dict(self.newest)
+        for contact_id, updated_at in other.newest.items():
+            if newest.get(contact_id, updated_at) <= updated_at:
+                newest[contact_id] = updated_at
+        return _Seen(
+            keys=self.keys | other.keys,
+            newest=newest,
+            broken=self.broken | other.broken,
+            unreadable=self.unreadable | other.unreadable,
+            server_began=self.server_began,
+        )
+
+
+_MAX_ID = 2**63 - 1
+"""The largest id a mirror row can have (bigint)."""
+
+
+def _readable_id(item: RejectedRow) -> int | None:
+    """The id a broken item names, read leniently (`"12"`, `12.0`); 0 when it names one no
+    mirror row can have (below 1, beyond 64 bits); None when it names none at all."""
+    if item.contact_id is not None:
+        return max(item.contact_id, 0)
+    payload = item.payload
+    value = payload.get("id") if isinstance(payload, dict) else None
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        value = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 < value <= _MAX_ID else 0
+
+
+def _ours(
+    parsed: ParsedPage, client_id: int | None, keep: Collection[int]
+) -> tuple[Sequence[ContactRow], Sequence[RejectedRow]]:
+    """What of a page the mirror stores: all of it, or with `client_id`, only that client's
+    rows and the ids in `keep` (rows the mirror already has)."""
+    if client_id is None:
+        return parsed.rows, parsed.rejected
+    rows = [row for row in parsed.rows if row.client_id == client_id or row.id in keep]
+    rejected = [item for item in parsed.rejected if item.contact_id in keep]
+    return rows, rejected

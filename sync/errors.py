@@ -20,6 +20,7 @@ __all__ = [
     "CompanyLocked",
     "ConfigError",
     "DatabaseError",
+    "DeletionRefused",
     "MalformedResponse",
     "OffsetLimitReached",
     "PagingUnstable",
@@ -71,6 +72,13 @@ class CompanyLocked(SyncError):
             "wait for it to finish or stop it, then run again."
         )
         self.company_id = company_id
+
+
+class DeletionRefused(SyncError):
+    """reconcile would have marked an implausible share of a company's rows, so it marked
+    none: not a failure, but an outcome a person must look at before `--force`."""
+
+    exit_code = 8
 
 
 class PassInterrupted(SyncError):
@@ -275,7 +283,7 @@ _REASONS: dict[type[TransientUpstreamError], str] = {
 
 
 # Which failure outranks which when several companies fail: the one needing attention first.
-_SEVERITY = (1, 6, 2, 3, 4, 5, 7, 0)
+_SEVERITY = (1, 6, 2, 3, 4, 5, 7, 8, 0)
 
 
 def severity_rank(code: int) -> int:

@@ -58,9 +58,17 @@ class Metrics:
         )
         self.passes = Counter(
             "contacts_sync_passes",
-            "Scheduled jobs by kind (sync, reconcile) and outcome "
-            "(ok, failed, skipped: locked elsewhere, interrupted: stopped on request).",
+            "Scheduled jobs by kind (sync, reconcile) and outcome (ok, failed, skipped: locked "
+            "elsewhere, interrupted: stopped on request, refused: a reconcile that would have "
+            "marked more than sync.max_delete_fraction).",
             ["company", "kind", "outcome"],
+            registry=r,
+        )
+        self.reconcile_refused = Counter(
+            "contacts_sync_reconcile_refused",
+            "Reconciles that marked nothing because they would have marked more than "
+            "sync.max_delete_fraction of the company's rows; run reconcile --force after a look.",
+            ["company"],
             registry=r,
         )
         self.pass_duration = Histogram(

@@ -153,6 +153,9 @@ class SyncState(SQLModel, table=True):
     last_error: str | None = _text()
     last_error_at: datetime | None = _timestamp(nullable=True)
     last_pass: dict[str, Any] | None = Field(default=None, sa_column=Column(_json(), nullable=True))
+    last_reconcile: dict[str, Any] | None = Field(
+        default=None, sa_column=Column(_json(), nullable=True)
+    )
 
 
 class QuarantineEntry(SQLModel, table=True):

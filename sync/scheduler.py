@@ -151,15 +151,29 @@ class Daemon:
         self._guarded(company_id, "sync", self._engine.sync_company)
 
     def _reconcile_company(self, company_id: str) -> None:
-        self._guarded(company_id, "reconcile", self._engine.reconcile_company)
+        self._guarded(company_id, "reconcile", self._reconcile)
+
+    def _reconcile(self, company_id: str) -> str:
+        """A reconcile job; one the mass-deletion guard stopped is a "refused" outcome."""
+        report = self._engine.reconcile_company(company_id)
+        if not report.refused:
+            return "ok"
+        if self._metrics is not None:
+            self._metrics.reconcile_refused.labels(company_id).inc()
+        return "refused"
 
     def _guarded(self, company_id: str, kind: str, job: Callable[[str], object]) -> None:
-        """Run a job; whatever it raises is logged and counted, and the next tick tries again."""
+        """Run a job; whatever it raises is logged and counted, and the next tick tries again.
+
+        A job may name its own outcome by returning it (a string); otherwise it is "ok".
+        """
         if self._stop.is_set():
             return
         outcome = "ok"
         try:
-            job(company_id)
+            result = job(company_id)
+            if isinstance(result, str):
+                outcome = result
         except CompanyLocked:
             outcome = "skipped"
             log.info("pass.skipped", company_id=company_id, reason="locked by another process")

@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from time import monotonic
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, case, delete, func, inspect, or_, select, text, update
 from sqlalchemy.sql.expression import ColumnElement, Executable
@@ -30,7 +30,14 @@ from sync.models import (
 )
 from sync.rows import ContactRow, RejectedRow, RowKey
 
-__all__ = ["Checkpoint", "CompanyState", "CompanyStatus", "MirrorStore", "PageWriter"]
+__all__ = [
+    "Checkpoint",
+    "CompanyState",
+    "CompanyStatus",
+    "MirrorStore",
+    "MirrorVersion",
+    "PageWriter",
+]
 
 _CONTACTS = table_of(Contact)
 _STATE = table_of(SyncState)
@@ -76,6 +83,16 @@ class CompanyStatus:
     quarantined: int
     last_pass: dict[str, Any] | None = None
     """The last completed pass's summary (the `pass.finished` event), for `status --json`."""
+    last_reconcile: dict[str, Any] | None = None
+    """The last reconcile's summary (the `reconcile.finished` event), refusals included."""
+
+
+class MirrorVersion(NamedTuple):
+    """What reconcile needs of a mirror row: its version, its client and whether it is marked."""
+
+    updated_at: datetime
+    client_id: int | None
+    deleted: bool
 
 
 class PageWriter:
@@ -171,7 +188,8 @@ class MirrorStore:
     - `write_page(company, rows, rejected, checkpoint, synced_at)`: one page, one transaction;
       `page_writer(company)`: a pass's pages, committed in groups.
     - `advance_cursor(...)` after a complete pass, `record_failure(...)` after a failed one.
-    - `live_ids`, `mark_deleted`, `undelete`: reconcile; `status`: the status command.
+    - `versions`, `mark_deleted`, `undelete`, `record_reconcile`: reconcile; `status`: the
+      status command.
 
     Every database problem surfaces as DatabaseError with a sentence saying what to do.
     """
@@ -463,30 +481,43 @@ class MirrorStore:
                     deleted=deleted,
                     quarantined=quarantined.get(company, 0),
                     last_pass=state.last_pass if state else None,
+                    last_reconcile=state.last_reconcile if state else None,
                 )
             )
         return result
 
-    def live_ids(self, company_id: str) -> set[int]:
-        """Ids of the company's rows not marked deleted: what reconcile compares upstream with."""
+    def versions(self, company_id: str, *, deleted: bool | None = None) -> dict[int, MirrorVersion]:
+        """The company's rows as reconcile judges them, by id: all, or only the deleted
+        (`deleted=True`) or live (`deleted=False`) ones. The one query behind `live_ids`."""
+        query = select(
+            _CONTACTS.c.id,
+            _CONTACTS.c.updated_at,
+            _CONTACTS.c.client_id,
+            _CONTACTS.c.deleted_at.is_not(None),
+        ).where(_CONTACTS.c.company_id == company_id)
+        if deleted is not None:
+            is_deleted = _CONTACTS.c.deleted_at.is_not(None)
+            query = query.where(is_deleted if deleted else ~is_deleted)
         with self._backend.read() as conn:
-            return set(
-                conn.execute(
-                    select(_CONTACTS.c.id).where(
-                        _CONTACTS.c.company_id == company_id, _CONTACTS.c.deleted_at.is_(None)
-                    )
-                ).scalars()
-            )
+            return {
+                contact_id: MirrorVersion(updated_at, client_id, bool(gone))
+                for contact_id, updated_at, client_id, gone in conn.execute(query)
+            }
 
-    def deleted_ids(self, company_id: str) -> set[int]:
-        """Ids of the company's rows marked deleted: those a scan may find alive again."""
-        with self._backend.read() as conn:
-            return set(
-                conn.execute(
-                    select(_CONTACTS.c.id).where(
-                        _CONTACTS.c.company_id == company_id, _CONTACTS.c.deleted_at.is_not(None)
-                    )
-                ).scalars()
+    def live_ids(self, company_id: str) -> set[int]:
+        """Ids of the company's rows not marked deleted."""
+        return set(self.versions(company_id, deleted=False))
+
+    def record_reconcile(self, company_id: str, summary: dict[str, Any]) -> None:
+        """Keep the last reconcile's summary for `status`; nothing else of the state changes."""
+        insert = self._backend.insert(_STATE)
+        statement = insert.values(company_id=company_id, last_reconcile=summary)
+        with self._backend.write() as conn:
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["company_id"],
+                    set_={"last_reconcile": insert.excluded.last_reconcile},
+                )
             )
 
     def mark_deleted(
@@ -591,7 +622,7 @@ def _stored_revisions(conn: Connection) -> list[str]:
     return list(conn.execute(query).scalars())
 
 
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 """The newest migration's revision; a test keeps it equal to Alembic's head."""
 
 

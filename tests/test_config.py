@@ -264,6 +264,19 @@ class TestLoadSettings:
         """A sync.deletes other than soft or hard is a ConfigError naming the key."""
         assert "sync.deletes" in str(_error(tmp_path, f'[sync]\ndeletes = "{mode}"\n'))
 
+    @pytest.mark.parametrize("value", ["0.05", "1", "1.0"])
+    def test_max_delete_fraction(self, tmp_path: Path, value: str) -> None:
+        """sync.max_delete_fraction accepts a share in (0, 1]; 0.2 when unset."""
+        assert _load(tmp_path, "").sync.max_delete_fraction == 0.2
+        loaded = _load(tmp_path, f"[sync]\nmax_delete_fraction = {value}\n")
+        assert loaded.sync.max_delete_fraction == float(value)
+
+    @pytest.mark.parametrize("value", ["0", "-0.1", "1.5", "nan", '"most"', "[]"])
+    def test_impossible_max_delete_fraction(self, tmp_path: Path, value: str) -> None:
+        """A sync.max_delete_fraction outside (0, 1] or not a number is a ConfigError naming it."""
+        error = _error(tmp_path, f"[sync]\nmax_delete_fraction = {value}\n")
+        assert "sync.max_delete_fraction" in str(error)
+
     @pytest.mark.parametrize(
         "url",
         [

@@ -25,7 +25,7 @@ import httpx
 import psycopg
 import pytest
 from conftest import PG_ADMIN_DSN, mirror_rows, safe_rows, stored_pages, upstream_rows, wait_until
-from test_cli import SECRET, write_config
+from test_cli import SECRET, cli, write_config
 
 from sync.sandbox import SandboxConfig, SandboxData, SandboxServer
 from sync.stoppable import StoppableTransport
@@ -447,6 +447,43 @@ class TestMetrics:
             assert lag >= 0
         assert sample(body, "contacts_sync_retries_total", reason="5xx") == 2
         assert sample(body, "contacts_sync_retries_total", reason="429") == 1
+
+    def test_a_refused_reconcile_is_counted_by_company(
+        self, tmp_path: Path, sqlite_url: str, daemons: list[DaemonProcess]
+    ) -> None:
+        """A reconcile the mass-deletion guard stops counts as refused, by company, and marks
+        nothing."""
+        data = SandboxData.generate(("1",), 500, seed=6)
+        port = free_port()
+        with SandboxServer(data, SandboxConfig(tokens=(SECRET,))) as srv:
+            config = write_config(
+                tmp_path / "sync.toml",
+                srv,
+                sqlite_url,
+                sync={"interval": "1h", "reconcile_interval": "1s"},
+                metrics={"port": port},
+                log={"format": "json"},
+            )
+            assert cli(config, "once").returncode == 0
+            data.delete("1", count=200)
+            daemon = DaemonProcess(config, tmp_path / "run.log")
+            daemons.append(daemon)
+            wait_until(
+                lambda: (
+                    (_metric(port, "contacts_sync_reconcile_refused_total", company="1") or 0) >= 1
+                ),
+                30,
+                "a refused reconcile counted",
+            )
+            body = scrape(port)
+            code, _ = daemon.stop()
+        assert code == 0
+        refused = sample(
+            body, "contacts_sync_passes_total", company="1", kind="reconcile", outcome="refused"
+        )
+        assert (refused or 0) >= 1
+        assert daemon.events("reconcile.refused")
+        assert len(mirror_rows(sqlite_url)) == 500
 
 
 class TestNotifier:

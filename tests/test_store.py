@@ -33,7 +33,7 @@ from sync.models import (
     table_of,
 )
 from sync.rows import TEXT_FIELDS, ContactRow, RejectedRow
-from sync.store import Checkpoint, MirrorStore
+from sync.store import SCHEMA_HEAD, Checkpoint, MirrorStore, MirrorVersion
 
 T0 = datetime(2025, 3, 4, 10, 0, 0, 123000, tzinfo=UTC)
 CONTRACT_COLUMNS = [
@@ -146,7 +146,8 @@ class TestSchema:
 
     def test_schema_version_lives_in_its_own_table(self, raw: Engine) -> None:
         """Alembic's version table is contacts-sync's own, so a user's alembic_version is free."""
-        assert _scalar(raw, "SELECT version_num FROM contacts_sync_schema_version") == "0001"
+        version = _scalar(raw, "SELECT version_num FROM contacts_sync_schema_version")
+        assert version == SCHEMA_HEAD
         assert "alembic_version" not in inspect(raw).get_table_names()
 
     def test_the_models_match_the_migrations(self, raw: Engine) -> None:
@@ -816,6 +817,28 @@ class TestReconcile:
         store.mark_deleted("42", {1}, T0, hard=False)
         assert store.undelete("42", {1, 2}) == 1
         assert store.live_ids("42") == {1, 2}
+
+    def test_versions_are_one_view_of_live_and_deleted_rows(self, store: MirrorStore) -> None:
+        """versions() gives each row's updated_at, client and mark, all or filtered by the mark."""
+        later = T0 + timedelta(hours=1)
+        store.write_page("42", [_row(1, client_id=3), _row(2, later), _row(3)], [], None, T0)
+        store.write_page("7", [_row(9)], [], None, T0)
+        store.mark_deleted("42", {3}, T0, hard=False)
+        assert store.versions("42") == {
+            1: MirrorVersion(T0, 3, False),
+            2: MirrorVersion(later, None, False),
+            3: MirrorVersion(T0, None, True),
+        }
+        assert set(store.versions("42", deleted=True)) == {3}
+        assert set(store.versions("42", deleted=False)) == store.live_ids("42") == {1, 2}
+
+    def test_the_last_reconcile_is_kept_for_status(self, store: MirrorStore) -> None:
+        """record_reconcile keeps the summary and leaves the cursor and the last pass alone."""
+        store.advance_cursor("42", T0, T0, summary={"pages": 1})
+        store.record_reconcile("42", {"refused": True, "missing": 9})
+        status = store.status(["42"])[0]
+        assert status.last_reconcile == {"refused": True, "missing": 9}
+        assert (status.cursor, status.last_pass) == (T0, {"pages": 1})
 
     def test_large_id_sets_are_handled_in_batches(self, store: MirrorStore) -> None:
         """Thousands of ids, beyond one statement's parameters, are all marked in one call."""
