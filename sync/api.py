@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -118,8 +119,10 @@ class ContactsClient:
         limit: int,
         updated_after: datetime | None,
         updated_before: datetime | None = None,
+        abandoned: threading.Event | None = None,
     ) -> Page:
         """One page, retried per the policy; raises a typed error when it cannot be had.
+        Once `abandoned` is set, retrying stops: nobody waits for the page any more.
 
         The endpoint takes one `updated_at` filter: `gt:` (after) or `lt:` (before).
         """
@@ -133,7 +136,9 @@ class ContactsClient:
         if self._settings.client_id is not None:
             params["client_id"] = self._settings.client_id
         headers = {self._settings.company_header: company_id}
-        return self._retry.call(lambda: self._get_page(params, headers, offset, limit))
+        return self._retry.call(
+            lambda: self._get_page(params, headers, offset, limit), abandoned=abandoned
+        )
 
     def _get_page(
         self, params: dict[str, str | int], headers: dict[str, str], offset: int, limit: int

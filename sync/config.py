@@ -104,7 +104,8 @@ class ApiSettings(_Section):
     version_header: str = Field(default="X-Api-Version", min_length=1)
     api_version: str | None = None
     client_id: int | None = Field(default=None, ge=1)
-    page_size: int = Field(default=100, ge=1, le=100)
+    page_size: int = Field(default=100, ge=2, le=100)
+    """At least 2: pages overlap by a row, so one row a page would never move on."""
     concurrency: int = Field(default=4, ge=1, le=32)
     timeout_s: float = Field(default=30.0, gt=0, le=600)
     ca_bundle: Path | None = None

@@ -12,7 +12,8 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Generator, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
@@ -422,14 +423,8 @@ class SyncEngine:
         seen = _Seen()
         client = self._unfiltered if unfiltered and self._unfiltered is not None else self._client
         only = api.client_id if client is not self._client else None
-        steps = walk_pages(
-            self._fetcher(client, company_id, since),
-            limit=api.page_size,
-            concurrency=api.concurrency,
-            stats=stats,
-            fresh_after=self._clock(),
-        )
-        with self._store.page_writer(company_id) as writer:
+        steps = self._walk_steps(client, company_id, since, stats=stats, fresh_after=self._clock())
+        with self._store.page_writer(company_id) as writer, closing(steps):
             for step in steps:
                 parsed = step.page.parsed
                 if seen.server_began is None:
@@ -444,21 +439,48 @@ class SyncEngine:
         report.requests += stats.requests
         return seen
 
-    def _fetcher(self, client: ContactsClient, company_id: str, since: datetime | None) -> Fetch:
-        """The walk's fetch: the pass's `gt:` filter, or for one request the walk's own bound."""
+    def _walk_steps(
+        self, client: ContactsClient, company_id: str, since: datetime | None, **walk: Any
+    ) -> Generator[PageStep]:
+        """`walk_pages` over the company's list; when it ends (or is closed) the requests it
+        left in flight stop retrying."""
+        api = self._settings.api
+        walk_over = threading.Event()
+        try:
+            yield from walk_pages(
+                self._fetcher(client, company_id, since, walk_over),
+                limit=api.page_size,
+                concurrency=api.concurrency,
+                **walk,
+            )
+        finally:
+            walk_over.set()
+
+    def _fetcher(
+        self,
+        client: ContactsClient,
+        company_id: str,
+        since: datetime | None,
+        walk_over: threading.Event,
+    ) -> Fetch:
+        """The walk's fetch: the pass's `gt:` filter, or for one request the walk's own bound.
+
+        Requests still retrying when `walk_over` is set (prefetched past the end, or when
+        the walk failed or stopped) give up, so finishing never waits for them.
+        """
 
         def fetch(offset: int, limit: int, bound: Bound | None = None, /) -> Page:
-            if bound is None:
-                return client.fetch_page(
-                    company_id, offset=offset, limit=limit, updated_after=since
-                )
-            op, moment = bound
+            after, before = since, None
+            if bound is not None:
+                op, moment = bound
+                after, before = (moment, None) if op == "gt" else (None, moment)
             return client.fetch_page(
                 company_id,
                 offset=offset,
                 limit=limit,
-                updated_after=moment if op == "gt" else None,
-                updated_before=moment if op == "lt" else None,
+                updated_after=after,
+                updated_before=before,
+                abandoned=walk_over,
             )
 
         return fetch
@@ -549,17 +571,17 @@ class SyncEngine:
         rows = checkpoint.rows if checkpoint else 0
         stats = WalkStats()
         off_seen: set[RowKey] = set()
-        steps = walk_pages(
-            self._fetcher(self._client, company_id, filter_since),
-            limit=api.page_size,
-            concurrency=api.concurrency,
+        steps = self._walk_steps(
+            self._client,
+            company_id,
+            filter_since,
             start_offset=checkpoint.next_offset if checkpoint else 0,
             anchors=checkpoint.anchors if checkpoint else (),
             stats=stats,
             throttled=lambda: self._retries["429"],
             fresh_after=pass_began,
         )
-        with self._store.page_writer(company_id) as writer:
+        with self._store.page_writer(company_id) as writer, closing(steps):
             for step in steps:
                 page = step.page
                 if checkpoint is None and report.pages == 0 and page.server_time is not None:

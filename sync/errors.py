@@ -27,6 +27,7 @@ __all__ = [
     "PassInterrupted",
     "PreconditionFailed",
     "RateLimited",
+    "RequestAbandoned",
     "RequestRejected",
     "ServerError",
     "SyncError",
@@ -90,6 +91,11 @@ class PassInterrupted(SyncError):
             "the next run resumes where it stopped."
         )
         self.company_id = company_id
+
+
+class RequestAbandoned(SyncError):
+    """A prefetched request whose walk ended before it came back: it stops retrying. Nobody
+    waits for it, so no user ever reads this."""
 
 
 @dataclass(frozen=True)

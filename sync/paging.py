@@ -103,8 +103,9 @@ class _Scan:
     """Items not read before: new rows, or rows changed since."""
     unseen_old: int
     """Of those, the ones not updated after the walk began: rows the walk must read."""
-    tied_unseen: int
-    """Unseen rows sharing the stamp of the last row read before (a tie group goes on)."""
+    tied_on: int
+    """Rows sharing the stamp of the last row read before that are new, or stand past where
+    the page read before ended: the tie group goes on past that boundary, in some order."""
     reordered: bool
     """Two unchanged rows with different stamps came back in the other order."""
 
@@ -158,9 +159,10 @@ class _Alignment:
         """What a checkpoint keeps to resume from: the last rows read, in page order."""
         return self._last_keys[-_RESUME_ANCHORS:]
 
-    def scan(self, page: Page, fresh_after: datetime | None) -> _Scan:
+    def scan(self, page: Page, offset: int, fresh_after: datetime | None) -> _Scan:
         """One pass over the page: its anchor, what it brings, whether order held."""
         read = self.history.get
+        boundary = offset if self.prev_end is None else self.prev_end + 1
         broken = page.parsed.broken_items()
         tail = self.tail_stamp
         anchor = anchor_was = None
@@ -176,10 +178,10 @@ class _Alignment:
                     anchor, anchor_was = position, was
                 continue
             seen = read(key[0])
+            if key[1] == tail and (seen is None or offset + position >= boundary):
+                tied += 1
             if seen is None or seen[0] != key[1]:
                 unseen += 1
-                if key[1] == tail:
-                    tied += 1
                 if fresh_after is not None and key[1] > fresh_after:
                     fresh += 1
                 continue
@@ -288,11 +290,11 @@ class _Walk:
         while True:
             offset, page = self.take()
             alignment = self.alignment
-            scan = alignment.scan(page, self.fresh_after)
+            scan = alignment.scan(page, offset, self.fresh_after)
             self.order.observe(page.parsed.keys)
             tail = alignment.tail_stamp
             direction = self.order.direction
-            if scan.tied_unseen and direction and tail is not None and tail not in self.resolved:
+            if scan.tied_on and direction and tail is not None and tail not in self.resolved:
                 if (yield from self._read_tie_group(offset, page, tail)):
                     return
                 continue
@@ -393,7 +395,7 @@ class _Walk:
         yield held(page)
         bound = group_bound(stamp, direction)
         for read in read_tie_group(
-            lambda at, limit: self.fetch(at, limit, bound), stamp, direction, limit=self.limit
+            lambda at, limit: self.fetch(at, limit, bound), stamp, direction, limit=self.page_size
         ):
             stats.requests += 1
             stats.tie_requests += 1
@@ -404,9 +406,9 @@ class _Walk:
         for found in find_group_end(
             self.fetch,
             stamp,
-            direction,
+            self.order.known,
             known_inside=offset + inside,
-            limit=self.limit,
+            limit=self.page_size,
         ):
             if isinstance(found, GroupEnd):
                 end = found
@@ -448,6 +450,8 @@ def walk_pages(
     next pass's), so a short page that brings only such rows ends the walk too, instead of
     chasing a list that grows as fast as it is read.
     """
+    if limit < 2:
+        raise ValueError("limit must be at least 2: with one row a page, the overlap is all")
     walk = _Walk(
         fetch,
         limit=limit,

@@ -7,6 +7,7 @@ else is.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from sync.errors import TransientUpstreamError, UpstreamUnavailable
+from sync.errors import RequestAbandoned, TransientUpstreamError, UpstreamUnavailable
 
 __all__ = ["RetryPolicy"]
 
 T = TypeVar("T")
+_ABANDON_CHECK_S = 0.05
+"""How often a backoff looks whether its request was abandoned."""
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,24 @@ class RetryPolicy:
     on_retry: Callable[[TransientUpstreamError, float], None] | None = None
     sleep: Callable[[float], None] = time.sleep
 
-    def call(self, operation: Callable[[], T]) -> T:
-        """Run `operation`, retrying transient failures; when they run out, UpstreamUnavailable."""
+    def call(self, operation: Callable[[], T], *, abandoned: threading.Event | None = None) -> T:
+        """Run `operation`, retrying transient failures; when they run out, UpstreamUnavailable.
+
+        Once `abandoned` is set (nobody waits for the answer any more: a walk ended before
+        this prefetch came back) no further attempt is made and backoff ends at once.
+        """
         started = time.monotonic()
         try:
             return operation()  # nearly every request: no retry machinery to set up
         except TransientUpstreamError as first:
-            return self._retry(operation, first, started)
+            return self._retry(operation, first, started, abandoned)
 
     def _retry(
-        self, operation: Callable[[], T], first: TransientUpstreamError, started: float
+        self,
+        operation: Callable[[], T],
+        first: TransientUpstreamError,
+        started: float,
+        abandoned: threading.Event | None,
     ) -> T:
         """Go on after a first failure, which counts as attempt 1 of the budget."""
         failures = [first]
@@ -60,7 +71,17 @@ class RetryPolicy:
         def attempt() -> T:
             if failures:
                 raise failures.pop()
+            if abandoned is not None and abandoned.is_set():
+                raise RequestAbandoned("(abandoned)")
             return operation()
+
+        def pause(seconds: float) -> None:
+            if abandoned is None:
+                self.sleep(seconds)
+                return
+            deadline = time.monotonic() + seconds
+            while not abandoned.is_set() and (left := deadline - time.monotonic()) > 0:
+                self.sleep(min(left, _ABANDON_CHECK_S))
 
         backoff = wait_exponential_jitter(
             multiplier=self.initial_backoff_s, max=self.max_backoff_s, jitter=self.initial_backoff_s
@@ -85,7 +106,7 @@ class RetryPolicy:
             | stop_before_delay(max(0.0, self.max_elapsed_s - spent)),
             wait=wait,
             before_sleep=before_sleep,
-            sleep=self.sleep,
+            sleep=pause,
             reraise=True,
         )
         try:

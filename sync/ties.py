@@ -19,7 +19,7 @@ start. Members may be updated or deleted meanwhile; only those that stay must be
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import pairwise
@@ -54,10 +54,17 @@ class OrderEvidence:
 
     @property
     def direction(self) -> Direction | None:
-        """The `updated_at` order the walk has seen, if only one fits (ascending first)."""
+        """The `updated_at` order the walk has seen, if any fits (ascending first)."""
         if self.ascending:
             return "asc"
         return "desc" if self.descending else None
+
+    @property
+    def known(self) -> Direction | None:
+        """The `updated_at` order, once answers have told the two apart."""
+        if self.ascending != self.descending:
+            return self.direction
+        return None
 
     def observe(self, keys: Sequence[RowKey | None]) -> None:
         if not (self.ascending or self.descending):
@@ -70,11 +77,17 @@ class OrderEvidence:
             self.descending = False
 
 
-def _beyond(direction: Direction, stamp: datetime) -> Callable[[datetime], bool]:
-    """Whether a row sorts after the group (a later stamp ascending, an earlier one descending)."""
+def _beyond(stamp: datetime, direction: Direction | None = None) -> Callable[[datetime], bool]:
+    """Whether a row lies past the group: a later stamp ascending, an earlier one descending.
+
+    Where the order is not known yet (every row seen so far had the group's stamp), any other
+    stamp found after one of the group's positions: its rows are contiguous.
+    """
     if direction == "asc":
         return lambda other: other > stamp
-    return lambda other: other < stamp
+    if direction == "desc":
+        return lambda other: other < stamp
+    return lambda other: other != stamp
 
 
 def group_bound(stamp: datetime, direction: Direction) -> Bound:
@@ -101,7 +114,12 @@ class GroupEnd:
 
 
 def find_group_end(
-    fetch: FetchAt, stamp: datetime, direction: Direction, *, known_inside: int, limit: int
+    fetch: FetchAt,
+    stamp: datetime,
+    direction: Direction | None,
+    *,
+    known_inside: int,
+    limit: int,
 ) -> Iterator[Page | GroupEnd]:
     """Search a list for the position where the group ends; yields every page it reads and,
     last, the one that shows the end.
@@ -109,9 +127,10 @@ def find_group_end(
     `known_inside` is a position the group held in some answer, so the end lies after it. The
     search gallops forward and halves back, so even a group of thousands costs a few requests;
     it relies only on the stamps an answer shows, never on which members it shows. Rows may
-    move while it searches: each answer is believed over what earlier ones said.
+    move while it searches: each answer is believed over what earlier ones said, and where the
+    order is known a page of rows before the group sends the search forward.
     """
-    beyond = _beyond(direction, stamp)
+    beyond = _beyond(stamp, direction)
     low, high = known_inside + 1, None  # the end is in [low, high]
     jump = 0
     for _ in range(_MAX_PROBES):
@@ -161,19 +180,16 @@ def read_tie_group(
     moment, so seeing as many as the size means seeing every one, and members that left
     meanwhile can never stand in for one that stayed unseen.
     """
-    beyond = _beyond(direction, stamp)
+    beyond = _beyond(stamp)
     for _ in range(_MAX_ATTEMPTS):
-        first = fetch(0, limit)
-        yield first
-        start = _first_at(first.parsed.keys, stamp)
-        if start is None:
-            if first.size < limit or _first_beyond(first.parsed.keys, beyond) is not None:
-                return  # the group left this list whole: every member of it changed
-            continue  # more rows just before the group than a page holds: rare, try again
-        if _first_beyond(first.parsed.keys[start:], beyond) is not None:
+        located = yield from _find_group_start(fetch, stamp, direction, limit=limit)
+        if located is None:
+            return  # the group left this list whole: every member of it changed
+        start, first = located
+        if _first_beyond(first.parsed.keys[start - first.offset :], beyond) is not None:
             return  # the whole group came in one answer
         end = None
-        for found in find_group_end(fetch, stamp, direction, known_inside=start, limit=limit):
+        for found in find_group_end(fetch, stamp, None, known_inside=start, limit=limit):
             if isinstance(found, GroupEnd):
                 end = found
             else:
@@ -198,6 +214,30 @@ def read_tie_group(
     )
 
 
+def _find_group_start(
+    fetch: FetchAt, stamp: datetime, direction: Direction, *, limit: int
+) -> Generator[Page, None, tuple[int, Page] | None]:
+    """Read the group's list from its start to the group's first row, yielding the pages
+    read; that row's position and page, or None when the group has left the list."""
+    offset = 0
+    for _ in range(_MAX_PROBES):
+        page = fetch(offset, limit)
+        yield page
+        found = _first_at(page.parsed.keys, stamp)
+        if found is not None:
+            return offset + found, page
+        stamps = [key[1] for key in page.parsed.keys if key is not None]
+        if not page.size or any(
+            other > stamp if direction == "asc" else other < stamp for other in stamps
+        ):
+            return None
+        offset += max(1, page.size - 1)  # more rows in the second before it than a page holds
+    raise PagingUnstable(
+        f"Could not find where the rows updated at {stamp.isoformat()} begin; run again when "
+        "upstream is quieter (the cursor was not moved)."
+    )
+
+
 def _collect(
     fetch: FetchAt,
     stamp: datetime,
@@ -216,12 +256,14 @@ def _collect(
     sweeps = 4 + 2 * math.ceil(math.log(size + 1))
     for sweep in range(sweeps):
         width = max(2, limit - sweep)
-        for offset in range(start, start + size, width - 1):
+        offset = start
+        while offset < start + size:
             if len(members) >= size:
                 return
             page = fetch(offset, width)
             yield page
             members |= _members(page, stamp, offset, start, start + size)
+            offset += max(1, page.size - 1)
 
 
 def _first_at(keys: Sequence[RowKey | None], stamp: datetime) -> int | None:

@@ -210,15 +210,15 @@ class TestLoadSettings:
         with pytest.raises(ConfigError, match="api"):
             load_settings(path)
 
-    @pytest.mark.parametrize("page_size", [0, 101, -1])
+    @pytest.mark.parametrize("page_size", [0, 1, 101, -1])
     def test_page_size_out_of_range(self, tmp_path: Path, page_size: int) -> None:
-        """api.page_size outside 1..100 is a ConfigError naming the key."""
+        """api.page_size outside 2..100 is a ConfigError naming the key."""
         error = _error(tmp_path, f"[api]\npage_size = {page_size}\n")
         assert "api.page_size" in str(error)
 
-    @pytest.mark.parametrize("page_size", [1, 100])
+    @pytest.mark.parametrize("page_size", [2, 100])
     def test_page_size_bounds_are_allowed(self, tmp_path: Path, page_size: int) -> None:
-        """api.page_size of exactly 1 or 100 is accepted."""
+        """api.page_size of exactly 2 or 100 is accepted (pages overlap by a row: 1 is not)."""
         assert _load(tmp_path, f"[api]\npage_size = {page_size}\n").api.page_size == page_size
 
     @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ scenarios over HTTP against the sandbox.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import threading
 import time
@@ -20,8 +21,10 @@ from conftest import wait_until
 
 from sync.api import Page
 from sync.errors import (
+    OffsetLimitReached,
     PagingUnstable,
     RequestRejected,
+    UnstableOrder,
     ValidationFailure,
 )
 from sync.paging import Bound, PageStep, WalkStats, walk_pages
@@ -100,6 +103,9 @@ class LiveList:
             rows = [(i, t) for i, t in rows if (t > at if op == "gt" else t < at)]
         if self.order == "id":
             return sorted(rows)
+        if self.order == "bucket":  # a sort key many rows share, in no stable order within it
+            shuffle = random.Random(self._random.random())
+            return sorted(rows, key=lambda kv: (kv[0] % 7, shuffle.random()))
         if self.ties == "stable":
             tiebreak: Callable[[int], float] = float
         elif self.ties == "per_page":
@@ -576,3 +582,140 @@ class TestMisalignedPrefetch:
         assert before - live.touched <= _read_all(steps)
         assert stats.realignments + stats.shifts_absorbed > 0
         wait_until(lambda: live.requests == stats.requests + stats.discarded, 2)
+
+
+class TestShortPages:
+    @pytest.mark.parametrize("concurrency", [1, 4])
+    @pytest.mark.parametrize("order", ORDERS)
+    def test_a_capped_server_loses_no_row(self, order: str, concurrency: int) -> None:
+        """A server serving 40 rows whatever `limit` asks, changing as it serves: no loss."""
+        live = LiveList(order, cap=40, deletes=1, updates=1, inserts=1)
+        before = set(live.rows)
+        steps = list(
+            walk_pages(live.fetch, limit=LIMIT, fresh_after=BEGAN, concurrency=concurrency)
+        )
+        assert before - live.touched <= _read_all(steps)
+
+    def test_a_quiet_capped_list_costs_a_request_per_cap(self) -> None:
+        """39 new rows a page, and the page that proves the end: the cost README states."""
+        live = LiveList("id", cap=40)
+        steps = list(walk_pages(live.fetch, limit=LIMIT, fresh_after=BEGAN))
+        assert _read_all(steps) == set(live.rows)
+        assert live.requests == math.ceil(3000 / 39) + 1
+
+    @pytest.mark.parametrize("concurrency", [1, 4])
+    def test_a_trimmed_page_is_not_the_end(self, concurrency: int) -> None:
+        """Every third page served with only 30 of its rows: each is read past, none ends it."""
+        live = LiveList("id")
+        served = 0
+
+        def trimming(offset: int, limit: int = LIMIT, bound: Bound | None = None) -> Page:
+            nonlocal served
+            served += 1
+            return live.fetch(offset, 30 if served % 3 == 0 else limit, bound)
+
+        steps = list(walk_pages(trimming, limit=LIMIT, fresh_after=BEGAN, concurrency=concurrency))
+        assert _read_all(steps) == set(live.rows)
+
+
+class TestOffsetLimits:
+    @pytest.mark.parametrize("concurrency", [1, 4])
+    @pytest.mark.parametrize("clamp", [False, True], ids=["refused", "clamped"])
+    def test_a_walk_past_the_offset_limit_fails_naming_it(
+        self, clamp: bool, concurrency: int
+    ) -> None:
+        """A server that will not page past offset 1000 fails the walk within a few requests."""
+        live = LiveList("id", max_offset=1000, clamp=clamp)
+        with pytest.raises(OffsetLimitReached) as caught:
+            list(walk_pages(live.fetch, limit=LIMIT, fresh_after=BEGAN, concurrency=concurrency))
+        assert "offset" in caught.value.message
+        assert caught.value.exit_code == 4
+        assert live.requests <= math.ceil(1000 / 99) + 4 + concurrency
+
+
+class TestTies:
+    @pytest.mark.parametrize("concurrency", [1, 4])
+    @pytest.mark.parametrize("ties", ["per_page", "per_request", "stable"])
+    @pytest.mark.parametrize("order", ["updated_asc", "updated_desc"])
+    def test_tie_groups_are_read_whole(self, order: str, ties: str, concurrency: int) -> None:
+        """Groups of 700 and 150 rows sharing a stamp, and eighty of 2 to 5, in any tie order:
+        every row (small groups straddle page boundaries too, at any point of their order)."""
+        live = LiveList(order, ties=ties, tie_groups=(700, 150, *(2, 3, 4, 5) * 20))
+        stats = WalkStats()
+        steps = list(
+            walk_pages(
+                live.fetch, limit=LIMIT, fresh_after=BEGAN, concurrency=concurrency, stats=stats
+            )
+        )
+        assert _read_all(steps) == set(live.rows)
+        assert stats.tie_groups >= 2  # the two groups larger than a page always straddle one
+
+    @pytest.mark.parametrize("ties", ["stable", "per_page", "per_request"])
+    @pytest.mark.parametrize("order", ["updated_asc", "updated_desc"])
+    def test_tie_groups_changing_as_they_are_read(self, order: str, ties: str) -> None:
+        """Rows deleted, updated and inserted before every request, members of a 400-row tie
+        group among them: every untouched row is read, or, where the group is shuffled
+        between requests while members keep leaving it, the walk fails loudly; never a loss."""
+        live = LiveList(order, ties=ties, tie_groups=(400,), deletes=1, updates=1, inserts=1)
+        before = set(live.rows)
+        try:
+            steps = list(walk_pages(live.fetch, limit=LIMIT, fresh_after=BEGAN))
+        except UnstableOrder:
+            assert ties != "stable"  # a member left a shuffled group before it was seen
+            return
+        assert before - live.touched <= _read_all(steps)
+
+    @pytest.mark.parametrize("ties", ["per_page", "per_request"])
+    def test_a_plain_walk_loses_tie_members(self, ties: str) -> None:
+        """`offset += limit` over the same server misses members: the case above is real."""
+        live = LiveList("updated_asc", ties=ties, tie_groups=(700,))
+        seen = {
+            row.id for offset in range(0, 3000, LIMIT) for row in live.fetch(offset).parsed.rows
+        }
+        assert set(live.rows) - seen
+
+    def test_an_unstable_order_by_another_key_fails_loudly(self) -> None:
+        """A server sorting by a key many rows share, in no stable order: no silent loss."""
+        live = LiveList("bucket")
+        with pytest.raises(PagingUnstable):
+            list(walk_pages(live.fetch, limit=LIMIT, fresh_after=BEGAN))
+
+
+class TestNoLoop:
+    def test_a_run_of_broken_items_longer_than_a_page_is_walked_past(self) -> None:
+        """200 unparseable items in a row: they anchor pages by their content, so the shift
+        check stays on and the walk goes on past them."""
+        fetch, valid = _static_list(2000, set(range(500, 700)))
+        stats = WalkStats()
+        steps = list(walk_pages(fetch, limit=LIMIT, fresh_after=BEGAN, stats=stats))
+        assert _valid_ids(steps) == valid
+        assert all(step.aligned for step in steps)
+        assert stats.realignments == 0
+
+    def test_a_page_size_of_one_is_refused(self) -> None:
+        """With one row a page the overlap leaves nothing new to read: no walk starts."""
+        live = LiveList("id")
+        with pytest.raises(ValueError, match="limit"):
+            list(walk_pages(live.fetch, limit=1, fresh_after=BEGAN))
+        assert live.requests == 0
+
+    def test_finishing_does_not_wait_for_fetches_past_the_end(self) -> None:
+        """Prefetched requests past the last page that never answer do not hold the walk."""
+        live = LiveList("id", size=250)
+        release = threading.Event()
+
+        def hanging_past_the_end(
+            offset: int, limit: int = LIMIT, bound: Bound | None = None
+        ) -> Page:
+            if offset >= 300:
+                release.wait(20)
+            return live.fetch(offset, limit, bound)
+
+        started = time.monotonic()
+        steps = list(
+            walk_pages(hanging_past_the_end, limit=LIMIT, fresh_after=BEGAN, concurrency=4)
+        )
+        elapsed = time.monotonic() - started
+        release.set()
+        assert _read_all(steps) == set(live.rows)
+        assert elapsed < 5
