@@ -30,6 +30,7 @@ import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import takewhile
 from time import perf_counter
 from typing import Protocol
 
@@ -136,6 +137,11 @@ class _Alignment:
         self.last_valid_at: int | None = self.prev_end
         """Offset of the last parseable row read: where a resumed walk finds its anchors."""
         self.tail_stamp: datetime | None = anchors[-1][1] if anchors else None
+        self.tail_run = sum(
+            1 for _ in takewhile(lambda key: key[1] == self.tail_stamp, anchors[::-1])
+        )
+        """How many of the last rows read share `tail_stamp`: with two or more, a tie group
+        ends the page, and answers in another order could hide a member past it among them."""
         self.overlap = 1
         self.aligned_pages = 0
         self.max_overlap = max(1, limit // 2)
@@ -163,6 +169,7 @@ class _Alignment:
         """One pass over the page: its anchor, what it brings, whether order held."""
         read = self.history.get
         boundary = offset if self.prev_end is None else self.prev_end + 1
+        tied_run = self.tail_run > 1
         broken = page.parsed.broken_items()
         tail = self.tail_stamp
         anchor = anchor_was = None
@@ -178,7 +185,7 @@ class _Alignment:
                     anchor, anchor_was = position, was
                 continue
             seen = read(key[0])
-            if key[1] == tail and (seen is None or offset + position >= boundary):
+            if key[1] == tail and (seen is None or (tied_run and offset + position >= boundary)):
                 tied += 1
             if seen is None or seen[0] != key[1]:
                 unseen += 1
@@ -218,7 +225,8 @@ class _Alignment:
         valid = [key for key in keys if key is not None]
         if valid:
             self._last_keys = valid
-            self.tail_stamp = valid[-1][1]
+            tail = self.tail_stamp = valid[-1][1]
+            self.tail_run = sum(1 for _ in takewhile(lambda key: key[1] == tail, valid[::-1]))
             last = next(i for i in range(len(keys) - 1, -1, -1) if keys[i] is not None)
             self.last_valid_at = offset + last
         if page.size:
@@ -294,7 +302,7 @@ class _Walk:
             self.order.observe(page.parsed.keys)
             tail = alignment.tail_stamp
             direction = self.order.direction
-            if scan.tied_on and direction and tail is not None and tail not in self.resolved:
+            if scan.tied_on and direction and tail is not None and self._may_straddle(tail):
                 if (yield from self._read_tie_group(offset, page, tail)):
                     return
                 continue
@@ -317,6 +325,13 @@ class _Walk:
             yield from self._accept(offset, page, last)
             if last:
                 return
+
+    def _may_straddle(self, stamp: datetime) -> bool:
+        """Whether rows sharing `stamp` need reading as a group: not when read as one already,
+        nor when they changed after the walk began (the next pass reads those again)."""
+        if stamp in self.resolved:
+            return False
+        return self.fresh_after is None or stamp <= self.fresh_after
 
     def _count_progress(self, scan: _Scan, offset: int) -> None:
         if scan.unseen:

@@ -254,16 +254,21 @@ def _collect(
     members still missing, so sweeps as many as a few times log(size) bound the search.
     """
     sweeps = 4 + 2 * math.ceil(math.log(size + 1))
+    requests = 0
     for sweep in range(sweeps):
         width = max(2, limit - sweep)
-        offset = start
-        while offset < start + size:
+        margin = min(limit // 2, 2 * requests)  # rows before it may leave: the group moves
+        offset = max(0, start - margin)
+        while offset < start + size + margin:
             if len(members) >= size:
                 return
             page = fetch(offset, width)
+            requests += 1
             yield page
             members |= _members(page, stamp, offset, start, start + size)
-            offset += max(1, page.size - 1)
+            if page.size < 2:
+                break  # the list ends here
+            offset += page.size - 1
 
 
 def _first_at(keys: Sequence[RowKey | None], stamp: datetime) -> int | None:

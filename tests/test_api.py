@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime
 
 import pytest
 
 from sync.api import ContactsClient
 from sync.config import ApiSettings
-from sync.errors import AuthError, TransientUpstreamError, UpstreamUnavailable
+from sync.errors import (
+    AuthError,
+    RequestAbandoned,
+    TransientUpstreamError,
+    UpstreamUnavailable,
+)
 from sync.retry import RetryPolicy
 from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxData, SandboxServer
 
@@ -88,6 +95,23 @@ class TestRetries:
         assert len(slept) == 3
         assert slept[0] < slept[2]
         assert len(sandbox.requests()) == 4
+
+    def test_an_abandoned_request_stops_retrying_at_once(self, sandbox: SandboxServer) -> None:
+        """A request whose walk ended (a prefetch past the last page) gives up in its backoff:
+        finishing a pass never waits for it or its retries."""
+        sandbox.faults.fail_company("1", status=503)
+        abandoned = threading.Event()
+        threading.Timer(0.3, abandoned.set).start()
+        settings = ApiSettings(base_url=sandbox.base_url, companies=["1"], timeout_s=5)
+        policy = RetryPolicy(max_attempts=10, max_elapsed_s=60, initial_backoff_s=5)
+        started = time.monotonic()
+        with (
+            ContactsClient(settings, DEFAULT_TOKEN, policy) as client,
+            pytest.raises(RequestAbandoned),
+        ):
+            client.fetch_page("1", offset=0, limit=10, updated_after=None, abandoned=abandoned)
+        assert time.monotonic() - started < 2
+        assert len(sandbox.requests()) == 1
 
     def test_a_stalled_answer_times_out_and_is_retried(self, sandbox: SandboxServer) -> None:
         """The read timeout is always set: a stall becomes a retried network failure."""
