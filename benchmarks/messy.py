@@ -32,6 +32,8 @@ class Case:
     bulk_tie: int = 0
 
 
+_PER_PAGE = {"order": "updated_asc", "tie_order": "per_page"}
+_PER_REQUEST = {"order": "updated_desc", "tie_order": "per_request"}
 CASES = (
     Case("well-behaved, by id", {}),
     Case("well-behaved, by updated_at", {"order": "updated_asc"}),
