@@ -197,6 +197,8 @@ def read_tie_group(
         if end is None:  # pragma: no cover - find_group_end ends with a GroupEnd or raises
             continue
         yield end.page
+        orders = _Orders(stamp)
+        orders.add(end.page)
         members = _members(end.page, stamp, end.offset, start, end.end)
         again = fetch(max(0, start - 1), 2)
         yield again
@@ -204,8 +206,10 @@ def read_tie_group(
             continue  # rows before the group moved: measure again
         members |= _members(again, stamp, max(0, start - 1), start, end.end)
         size = end.end - start
-        yield from _collect(fetch, stamp, start=start, size=size, members=members, limit=limit)
-        if len(members) >= size:
+        done = yield from _collect(
+            fetch, stamp, start=start, size=size, members=members, orders=orders, limit=limit
+        )
+        if done:
             return
     raise UnstableOrder(
         f"Upstream returned the rows updated at {stamp.isoformat()} in a different order on "
@@ -238,6 +242,35 @@ def _find_group_start(
     )
 
 
+class _Orders:
+    """The group's members in the order each answer gave them, and whether two disagreed."""
+
+    def __init__(self, stamp: datetime) -> None:
+        self._stamp = stamp
+        self._answers: list[dict[int, int]] = []
+        self.compared = False
+        """Two answers have shown two or more members in common."""
+        self.shuffled = False
+        """Two answers have shown members in common in another relative order."""
+
+    def add(self, page: Page) -> None:
+        ranks = {
+            key[0]: rank
+            for rank, key in enumerate(page.parsed.keys)
+            if key is not None and key[1] == self._stamp
+        }
+        for earlier in self._answers:
+            common = sorted(
+                (member for member in ranks if member in earlier), key=ranks.__getitem__
+            )
+            if len(common) > 1:
+                self.compared = True
+                before = [earlier[member] for member in common]
+                if any(a > b for a, b in pairwise(before)):
+                    self.shuffled = True
+        self._answers.append(ranks)
+
+
 def _collect(
     fetch: FetchAt,
     stamp: datetime,
@@ -245,13 +278,18 @@ def _collect(
     start: int,
     size: int,
     members: set[_Member],
+    orders: _Orders,
     limit: int,
-) -> Iterator[Page]:
-    """Sweep the group's positions with another page width each time until all are seen.
+) -> Generator[Page, None, bool]:
+    """Sweep the group's positions, with another page width each time, until every member
+    has been seen; whether that was achieved.
 
     A server whose order depends on offset+limit shows another order for each width, one that
     shuffles per request a fresh one every time; each sweep then sees about two thirds of the
-    members still missing, so sweeps as many as a few times log(size) bound the search.
+    members still missing, so sweeps as many as a few times log(size) bound the search. A
+    server that kept the group in one order across every answer that shared members is walked
+    once, like any stable list: windows overlap by a quarter page, so members leaving the
+    group meanwhile cannot make one that stays slip between two of them.
     """
     sweeps = 4 + 2 * math.ceil(math.log(size + 1))
     requests = 0
@@ -261,14 +299,18 @@ def _collect(
         offset = max(0, start - margin)
         while offset < start + size + margin:
             if len(members) >= size:
-                return
+                return True
             page = fetch(offset, width)
             requests += 1
             yield page
             members |= _members(page, stamp, offset, start, start + size)
+            orders.add(page)
             if page.size < 2:
                 break  # the list ends here
-            offset += page.size - 1
+            offset += max(1, page.size - 1 - page.size // 4)
+        if len(members) >= size or (orders.compared and not orders.shuffled):
+            return True
+    return False
 
 
 def _first_at(keys: Sequence[RowKey | None], stamp: datetime) -> int | None:
