@@ -607,7 +607,9 @@ class SyncEngine:
                 report.pages += 1
                 report.rows_fetched += len(parsed.rows)
                 report.quarantined += len(parsed.rejected)
-                off_filter = _off_filter(parsed.rows, filter_since, api.client_id) - off_seen
+                off_filter = set()
+                if not step.aside:  # a tie group's own list has a filter of its own
+                    off_filter = _off_filter(parsed.rows, filter_since, api.client_id) - off_seen
                 if off_filter:
                     off_seen |= off_filter
                     report.off_filter += len(off_filter)

@@ -44,6 +44,7 @@ from sync.ties import (
     OrderEvidence,
     find_group_end,
     group_bound,
+    group_end_in,
     read_tie_group,
 )
 
@@ -75,6 +76,8 @@ class PageStep:
     last: bool
     next_ready: Callable[[float], bool]
     """Whether the following page arrives within the given seconds (0: has it arrived)."""
+    aside: bool = False
+    """Read on a tie group's list of its own: the walk's filter did not apply to it."""
 
 
 @dataclass
@@ -302,7 +305,7 @@ class _Walk:
             self.order.observe(page.parsed.keys)
             tail = alignment.tail_stamp
             direction = self.order.direction
-            if scan.tied_on and direction and tail is not None and self._may_straddle(tail):
+            if scan.tied_on and direction and tail is not None and tail not in self.resolved:
                 if (yield from self._read_tie_group(offset, page, tail)):
                     return
                 continue
@@ -325,13 +328,6 @@ class _Walk:
             yield from self._accept(offset, page, last)
             if last:
                 return
-
-    def _may_straddle(self, stamp: datetime) -> bool:
-        """Whether rows sharing `stamp` need reading as a group: not when read as one already,
-        nor when they changed after the walk began (the next pass reads those again)."""
-        if stamp in self.resolved:
-            return False
-        return self.fresh_after is None or stamp <= self.fresh_after
 
     def _count_progress(self, scan: _Scan, offset: int) -> None:
         if scan.unseen:
@@ -371,7 +367,10 @@ class _Walk:
             self.served = page.size
             alignment.max_overlap = max(1, page.size // 2)
         if not last:
-            self.window.grow(prefetcher.fetch_s)
+            if page.size < self.page_size:
+                self.window.size = 0  # probably the end: fetch only the page that proves it
+            else:
+                self.window.grow(prefetcher.fetch_s)
             end = alignment.prev_end
             if prefetcher.idle or (end is not None and prefetcher.upcoming > end):
                 prefetcher.restart_at(alignment.resume_offset)
@@ -404,8 +403,8 @@ class _Walk:
         stats.tie_groups += 1
         before = alignment.checkpoint_offset, alignment.anchors
 
-        def held(read: Page) -> PageStep:
-            return PageStep(read, False, before[0], before[1], False, _never_ready)
+        def held(read: Page, aside: bool = False) -> PageStep:
+            return PageStep(read, False, before[0], before[1], False, _never_ready, aside)
 
         yield held(page)
         bound = group_bound(stamp, direction)
@@ -414,16 +413,20 @@ class _Walk:
         ):
             stats.requests += 1
             stats.tie_requests += 1
-            yield held(read)
+            yield held(read, aside=True)
         self.resolved.add(stamp)
         inside = max(i for i, key in enumerate(page.parsed.keys) if key and key[1] == stamp)
-        end: GroupEnd | None = None
-        for found in find_group_end(
-            self.fetch,
-            stamp,
-            self.order.known,
-            known_inside=offset + inside,
-            limit=self.page_size,
+        end = group_end_in(page, stamp, self.order.known)  # often this page shows it already
+        for found in (
+            ()
+            if end is not None
+            else find_group_end(
+                self.fetch,
+                stamp,
+                self.order.known,
+                known_inside=offset + inside,
+                limit=self.page_size,
+            )
         ):
             if isinstance(found, GroupEnd):
                 end = found

@@ -29,7 +29,15 @@ from sync.api import Page
 from sync.errors import PagingUnstable, UnstableOrder
 from sync.rows import RowKey
 
-__all__ = ["Bound", "Direction", "GroupEnd", "OrderEvidence", "find_group_end", "read_tie_group"]
+__all__ = [
+    "Bound",
+    "Direction",
+    "GroupEnd",
+    "OrderEvidence",
+    "find_group_end",
+    "group_end_in",
+    "read_tie_group",
+]
 
 Direction = Literal["asc", "desc"]
 Bound = tuple[Literal["gt", "lt"], datetime]
@@ -111,6 +119,16 @@ class GroupEnd:
     def end(self) -> int:
         """The position of the first row after the group (or of the list's end)."""
         return self.offset + (self.page.size if self.past is None else self.past)
+
+
+def group_end_in(page: Page, stamp: datetime, direction: Direction | None) -> GroupEnd | None:
+    """The page as a GroupEnd, if it shows a row past the group after one of the group's."""
+    keys = page.parsed.keys
+    inside = _first_at(keys, stamp)
+    if inside is None:
+        return None
+    past = _first_beyond(keys[inside:], _beyond(stamp, direction))
+    return None if past is None else GroupEnd(page.offset, page, inside + past)
 
 
 def find_group_end(
