@@ -34,7 +34,7 @@ from sync.rows import parse_timestamp
 from sync.store import CompanyStatus, MirrorStore
 
 if TYPE_CHECKING:
-    from sync.sandbox import SandboxServer
+    from sync.sandbox import FaultKind, SandboxServer
 
 __all__ = ["app", "main"]
 
@@ -346,11 +346,22 @@ def sandbox(
     latency_ms: Annotated[
         float, typer.Option(help="Added to every request, in milliseconds.", min=0)
     ] = 0.0,
+    broken_run: Annotated[
+        int, typer.Option(help="Serve N unparseable items in a row in each list.", min=0)
+    ] = 0,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KIND or KIND:N: answer the first N requests (default 1) with this fault, "
+            "e.g. short, trickle, 429, 503, reset, stall, malformed (repeatable)."
+        ),
+    ] = None,
 ) -> int:
     """Serve a local simulator of the upstream API until Ctrl-C."""
     from sync.sandbox import (  # noqa: PLC0415 - only this command needs the sandbox
         CONTACTS_PATH,
         DEFAULT_TOKEN,
+        FAULT_KINDS,
         OFFSET_MODES,
         ORDERS,
         TIE_ORDERS,
@@ -367,6 +378,7 @@ def sandbox(
         raise _not_one_of("--tie-order", tie_order, TIE_ORDERS)
     if bulk_tie and not 2 <= bulk_tie <= contacts:
         raise ConfigError(f"--bulk-tie {bulk_tie} must be from 2 to --contacts ({contacts}).")
+    faults = [_fault(given, FAULT_KINDS) for given in fault or ()]
     config = SandboxConfig(
         order=order,
         page_cap=page_cap,
@@ -384,8 +396,27 @@ def sandbox(
             f"order {order}, ties {tie_order}); Ctrl-C stops it."
         )
 
-    serve_forever(port, contacts, companies, config=config, bulk_tie=bulk_tie, on_ready=announce)
+    serve_forever(
+        port,
+        contacts,
+        companies,
+        config=config,
+        bulk_tie=bulk_tie,
+        broken_run=broken_run,
+        faults=faults,
+        on_ready=announce,
+    )
     return 0
+
+
+def _fault(given: str, kinds: Sequence[FaultKind]) -> tuple[FaultKind, int]:
+    """`--fault KIND` or `KIND:N` as (kind, times)."""
+    name, _, times = given.partition(":")
+    if name not in kinds:
+        raise _not_one_of("--fault", name, kinds)
+    if times and not (times.isdigit() and int(times) >= 1):
+        raise ConfigError(f"--fault {given}: N must be a whole number from 1; use KIND:N.")
+    return next(kind for kind in kinds if kind == name), int(times or 1)
 
 
 def _not_one_of(flag: str, value: str, allowed: Sequence[str]) -> ConfigError:

@@ -1121,3 +1121,30 @@ class TestCommand:
         assert (
             "--tie-order 'sometimes' is not one of stable, per_page, per_request" in result.stderr
         )
+
+    def test_fault_and_broken_run_flags(self) -> None:
+        """--fault KIND:N answers the first N requests with that fault, and --broken-run serves
+        that many unparseable items in a row among the rows."""
+        with _sandbox_command(
+            "--contacts", "100", "--fault", "503:2", "--fault", "short", "--broken-run", "30",
+        ) as http:  # fmt: skip
+            statuses = [http.get("/api/contacts").status_code for _ in range(2)]
+            trimmed = http.get("/api/contacts").json()
+            whole = http.get("/api/contacts", params={"limit": 100}).json()
+        assert statuses == [503, 503]
+        assert len(trimmed) == 50
+        broken = [item for item in whole if str(item["id"]).startswith("broken-")]
+        assert len(broken) == 30
+        assert whole.index(broken[0]) + 30 == whole.index(broken[-1]) + 1
+
+    def test_an_unknown_fault_is_a_usage_error(self) -> None:
+        """A fault that does not exist exits 2 with one sentence naming the flag."""
+        result = subprocess.run(
+            [sys.executable, "-m", "sync", "sandbox", "--fault", "gremlins:3"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert "--fault 'gremlins' is not one of" in result.stderr

@@ -17,6 +17,7 @@ import uvicorn
 from sync.sandbox.app import SandboxApi
 from sync.sandbox.config import CONTACTS_PATH, HOST, SandboxConfig
 from sync.sandbox.data import Order, SandboxData
+from sync.sandbox.faults import FaultKind
 from sync.sandbox.replies import RESET_LOG_FILTER
 from sync.sandbox.requests import RecordedRequest
 
@@ -145,23 +146,32 @@ def serve_forever(
     seed: int = 7,
     config: SandboxConfig | None = None,
     bulk_tie: int = 0,
+    broken_run: int = 0,
+    faults: Sequence[tuple[FaultKind, int]] = (),
     on_ready: Callable[[SandboxServer], None] | None = None,
     stop: threading.Event | None = None,
 ) -> None:
     """Serve generated data until SIGINT or SIGTERM (or `stop` is set), then return cleanly.
 
     `on_ready` gets the running server, e.g. to print its URL; nothing is printed here.
-    `bulk_tie` gives that many generated rows of each company one shared updated_at.
+    `bulk_tie` gives that many generated rows of each company one shared updated_at;
+    `broken_run` serves that many unparseable items in a row after the middle id;
+    `faults` (kind, times) are queued for the first requests.
     """
     config = config or SandboxConfig()
     if order is not None:
         config = replace(config, order=order)
     stopping = stop or threading.Event()
     data = SandboxData.generate(companies, contacts, seed)
-    if bulk_tie:
-        for company in companies:
+    for company in companies:
+        if bulk_tie:
             data.bulk_tie(company, bulk_tie)
+        for number in range(broken_run):
+            item = {"id": f"broken-{number}", "updated_at": "not a time"}
+            data.put_raw(company, item, sort_id=max(1, contacts // 2))
     with _set_on_signals(stopping), SandboxServer(data, config, port=port) as server:
+        for kind, times in faults:
+            server.faults.add(kind, times)
         if on_ready is not None:
             on_ready(server)
         while not stopping.wait(0.5):
