@@ -7,6 +7,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ import structlog
 from sqlalchemy import create_engine, make_url, text
 
 from sync.config import Settings
+from sync.engine import PassReport, SyncEngine
 from sync.log import redactor
 from sync.rows import CONTACT_FIELDS, parse_items
 from sync.sandbox import DEFAULT_TOKEN, SandboxData, SandboxServer
+from sync.store import MirrorStore
 
 PG_ADMIN_DSN = os.environ.get("CONTACTS_SYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -217,3 +220,29 @@ def end_lock_sessions(admin_dsn: str, db_url: str) -> None:
             (database,),
         ).fetchall()
     assert ended
+
+
+@contextmanager
+def engine_for(settings: Settings, observer: object = None) -> Iterator[SyncEngine]:
+    """An engine on its own store, closed afterwards (with a display `observer`, if given)."""
+    store = MirrorStore.open(settings.database.url)
+    engine = SyncEngine.from_settings(settings, store, observer=observer)  # type: ignore[arg-type]
+    try:
+        yield engine
+    finally:
+        engine.close()
+        store.close()
+
+
+def run_pass(settings: Settings, **kwargs: object) -> PassReport:
+    """One pass for company 1 (`backfill=True` etc. as keywords)."""
+    with engine_for(settings) as engine:
+        return engine.sync_company("1", **kwargs)  # type: ignore[arg-type]
+
+
+def cursor_of(settings: Settings) -> object:
+    store = MirrorStore.open(settings.database.url)
+    try:
+        return store.read_state("1").cursor
+    finally:
+        store.close()

@@ -9,17 +9,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
 import pytest
-from conftest import make_settings, mirror_rows, upstream_rows
+from conftest import engine_for, make_settings, mirror_rows, upstream_rows
 from test_cli import _env, one_sentence
 
 from sync.config import Settings
-from sync.engine import SyncEngine
 from sync.errors import SyncError, UpstreamUnavailable, exit_code_for
 from sync.sandbox import SandboxServer
 from sync.store import MirrorStore
@@ -104,17 +102,6 @@ def _settings_for(base_url: str, db_url: str) -> Settings:
         database={"url": db_url},
         retry={"max_attempts": 10, "max_elapsed_s": MAX_ELAPSED_S},
     )
-
-
-@contextlib.contextmanager
-def engine_for(settings: Settings) -> Iterator[SyncEngine]:
-    store = MirrorStore.open(settings.database.url)
-    engine = SyncEngine.from_settings(settings, store)
-    try:
-        yield engine
-    finally:
-        engine.close()
-        store.close()
 
 
 class TestTrickle:

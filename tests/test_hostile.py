@@ -64,7 +64,7 @@ from typing import Any
 import certifi
 import httpx
 import pytest
-from conftest import make_settings, mirror_rows
+from conftest import make_settings, mirror_rows, run_pass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
@@ -74,7 +74,7 @@ from test_cli import SECRET, one_sentence, write_config
 from sync.api import MAX_BODY_BYTES, ContactsClient
 from sync.cli import main
 from sync.config import Settings, load_settings
-from sync.engine import PassReport, SyncEngine
+from sync.engine import SyncEngine
 from sync.errors import SyncError
 from sync.log import configure_logging
 from sync.metrics import Metrics
@@ -147,16 +147,6 @@ def small() -> Iterator[SandboxServer]:
     """A sandbox with 25 generated contacts for company 1 (ids 1..25)."""
     with SandboxServer(SandboxData.generate(("1",), 25, seed=5)) as server:
         yield server
-
-
-def run_pass(settings: Settings, *, backfill: bool = False) -> PassReport:
-    store = MirrorStore.open(settings.database.url)
-    engine = SyncEngine.from_settings(settings, store)
-    try:
-        return engine.sync_company("1", backfill=backfill)
-    finally:
-        engine.close()
-        store.close()
 
 
 def state_of(db_url: str, company: str = "1") -> Any:

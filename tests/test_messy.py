@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_settings, mirror_rows, upstream_rows
+from conftest import cursor_of, engine_for, make_settings, mirror_rows, run_pass, upstream_rows
 from test_cli import cli, one_sentence, write_config
-from test_sync import cursor_of, engine_for, run_pass
 
 from sync.errors import OffsetLimitReached
 from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxData, SandboxServer

@@ -3,34 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_settings, mirror_rows, upstream_rows
+from conftest import engine_for, make_settings, mirror_rows, upstream_rows
 from sqlalchemy import create_engine, text
 from test_cli import cli, one_sentence, write_config
 
 from sync.config import Settings
-from sync.engine import ReconcileReport, SyncEngine
+from sync.engine import ReconcileReport
 from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxData, SandboxServer
 from sync.store import MirrorStore
 
 pytestmark = pytest.mark.usefixtures("walk_concurrency")
-
-
-@contextmanager
-def engine_for(settings: Settings) -> Iterator[SyncEngine]:
-    store = MirrorStore.open(settings.database.url)
-    engine = SyncEngine.from_settings(settings, store)
-    try:
-        yield engine
-    finally:
-        engine.close()
-        store.close()
 
 
 def sync_then_reconcile(settings: Settings) -> ReconcileReport:

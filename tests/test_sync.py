@@ -6,23 +6,23 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from conftest import (
+    cursor_of,
     end_lock_sessions,
+    engine_for,
     make_settings,
     mirror_rows,
+    run_pass,
     stored_pages,
     upstream_rows,
     wait_until,
 )
 
 from sync.api import ContactsClient
-from sync.config import Settings
 from sync.engine import PassReport, SyncEngine
 from sync.errors import AuthError, DatabaseError, RequestRejected, UpstreamUnavailable
 from sync.retry import RetryPolicy
@@ -30,30 +30,6 @@ from sync.sandbox import DEFAULT_TOKEN, SandboxConfig, SandboxData, SandboxServe
 from sync.store import MirrorStore
 
 pytestmark = pytest.mark.usefixtures("walk_concurrency")
-
-
-@contextmanager
-def engine_for(settings: Settings, observer: object = None) -> Iterator[SyncEngine]:
-    store = MirrorStore.open(settings.database.url)
-    engine = SyncEngine.from_settings(settings, store, observer=observer)  # type: ignore[arg-type]
-    try:
-        yield engine
-    finally:
-        engine.close()
-        store.close()
-
-
-def run_pass(settings: Settings, **kwargs: object) -> PassReport:
-    with engine_for(settings) as engine:
-        return engine.sync_company("1", **kwargs)  # type: ignore[arg-type]
-
-
-def cursor_of(settings: Settings) -> object:
-    store = MirrorStore.open(settings.database.url)
-    try:
-        return store.read_state("1").cursor
-    finally:
-        store.close()
 
 
 class TestFullLoad:
