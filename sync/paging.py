@@ -289,7 +289,9 @@ class _Walk:
     def _check_budget(self) -> None:
         """No walk loops: its requests stay within a bound of the pages that brought rows."""
         stats = self.stats
-        budget = _realignment_budget(self.alignment.aligned_pages, self.start_offset, self.limit)
+        budget = _realignment_budget(
+            self.alignment.aligned_pages, self.start_offset, self.page_size
+        )
         if stats.requests - stats.tie_requests > 20 + 3 * self.progressed + budget:
             raise PagingUnstable(
                 f"Paging made {stats.requests} requests for {self.progressed} pages that brought "
@@ -342,7 +344,9 @@ class _Walk:
         """No anchor: rows moved back past the overlap. Step back a page and look again."""
         stats = self.stats
         stats.realignments += 1
-        budget = _realignment_budget(self.alignment.aligned_pages, self.start_offset, self.limit)
+        budget = _realignment_budget(
+            self.alignment.aligned_pages, self.start_offset, self.page_size
+        )
         if stats.realignments > budget:
             raise PagingUnstable(
                 "Upstream rows moved between pages faster than paging could realign; "
