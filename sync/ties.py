@@ -13,7 +13,9 @@ been seen; the walk then resumes past the group's end in its own list.
 The argument for exactness assumes that the server's order is by `updated_at` (every answer
 the walk saw was sorted by it) and that no row is *given* this `updated_at` while the group
 is read, which holds for any group older than the pass: new stamps are later than the pass's
-start. Members may be updated or deleted meanwhile; only those that stay must be seen.
+start. Members may be updated or deleted meanwhile; only those that stay must be seen. A group
+that every answer sharing two or more of its members showed in one order is taken to be
+stably ordered and is walked once, like any list; that is the one judgement from evidence.
 """
 
 from __future__ import annotations
