@@ -196,9 +196,16 @@ class TestSandboxRawItems:
         data.put_raw(
             "1", "stale", sort_id=10, updated_at=datetime(2000, 1, 1, tzinfo=UTC), unfiltered=True
         )
-        page, count = data.page("1", updated=None, client_id=None, order=order, offset=0, limit=100)  # type: ignore[arg-type]
-        served = json.loads(page.replace(b"NaN", b"null"))
-        assert count == 8
+        items = data.page_items(
+            "1",
+            updated=None,
+            client_id=None,
+            order=order,  # type: ignore[arg-type]
+            offset=0,
+            limit=100,
+        )
+        served = json.loads(b"[" + b",".join(items).replace(b"NaN", b"null") + b"]")
+        assert len(items) == 8
         if order == "id":
             assert [r if isinstance(r, str) else r["id"] for r in served] == [
                 1,
@@ -215,12 +222,17 @@ class TestSandboxRawItems:
             assert ascending[0:2] == [{"id": 9, "updated_at": None}, "stale"]
             assert ascending[5] == {"id": 3, "odd": True}
         since = UpdatedFilter("gt", datetime(2010, 1, 1, tzinfo=UTC))
-        page, count = data.page(
-            "1", updated=since, client_id=None, order=order, offset=0, limit=100
-        )  # type: ignore[arg-type]
-        assert count == 7
-        assert b'"stale"' in page
-        assert b"NaN" not in page
+        items = data.page_items(
+            "1",
+            updated=since,
+            client_id=None,
+            order=order,  # type: ignore[arg-type]
+            offset=0,
+            limit=100,
+        )
+        assert len(items) == 7
+        assert b'"stale"' in items
+        assert not any(b"NaN" in item for item in items)
         assert len(data.snapshot("1")) == 5
 
 

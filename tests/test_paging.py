@@ -667,6 +667,32 @@ class TestTies:
         assert before - live.touched <= _read_all(steps)
 
     @pytest.mark.parametrize("ties", ["per_page", "per_request"])
+    def test_a_walk_killed_while_reading_a_group_resumes_exact(self, ties: str) -> None:
+        """Pages read for a tie group carry the checkpoint from before it: a walk stopped
+        halfway through the group and resumed from the last step reads every row."""
+        live = LiveList("updated_asc", ties=ties, tie_groups=(700,))
+        first: list[PageStep] = []
+        for step in walk_pages(live.fetch, limit=LIMIT, fresh_after=BEGAN):
+            first.append(step)
+            if sum(s.aside for s in first) == 3:
+                break
+        stopped = first[-1]
+        assert stopped.aside
+        before = next(step for step in reversed(first) if step.aligned)
+        assert (stopped.next_offset, stopped.anchors) == (before.next_offset, before.anchors)
+        rest = list(
+            walk_pages(
+                live.fetch,
+                limit=LIMIT,
+                fresh_after=BEGAN,
+                start_offset=stopped.next_offset,
+                anchors=stopped.anchors,
+            )
+        )
+        assert _read_all(first) | _read_all(rest) == set(live.rows)
+        assert any(step.aside for step in rest)  # the group was read again, whole
+
+    @pytest.mark.parametrize("ties", ["per_page", "per_request"])
     def test_a_plain_walk_loses_tie_members(self, ties: str) -> None:
         """`offset += limit` over the same server misses members: the case above is real."""
         live = LiveList("updated_asc", ties=ties, tie_groups=(700,))

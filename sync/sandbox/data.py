@@ -372,29 +372,6 @@ class SandboxData:
             state.raw.clear()
             self._bump(state)
 
-    def page(
-        self,
-        company: str,
-        *,
-        updated: UpdatedFilter | None,
-        client_id: int | None,
-        order: Order,
-        offset: int,
-        limit: int,
-        tie_order: TieOrder = "stable",
-    ) -> tuple[bytes, int]:
-        """The JSON array body of one page and its item count, from a cached ordered view."""
-        items = self.page_items(
-            company,
-            updated=updated,
-            client_id=client_id,
-            order=order,
-            offset=offset,
-            limit=limit,
-            tie_order=tie_order,
-        )
-        return b"[" + b",".join(items) + b"]", len(items)
-
     def page_items(
         self,
         company: str,
