@@ -16,7 +16,7 @@ import sqlite3
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar, cast
@@ -43,10 +43,12 @@ _WRITE_OPTION = "contacts_sync_write"
 """Execution option that makes a SQLite transaction BEGIN IMMEDIATE: it waits, never deadlocks."""
 
 
-def open_backend(url: str) -> Backend:
+def open_backend(url: str, *, connections: int = 5) -> Backend:
     """The backend for a database.url, with its engine created but not yet connected.
 
-    The URL's passwords are registered with the redactor first: driver errors may echo them.
+    `connections` is how many the pool keeps: the daemon's passes each hold a lock and a
+    transaction at once. The URL's passwords are registered with the redactor first: driver
+    errors may echo them.
     """
     for secret in database_secrets(url):
         redactor().add(secret)
@@ -65,7 +67,7 @@ def open_backend(url: str) -> Backend:
             f"database.url uses {parsed.drivername}, which contacts-sync does not support; "
             "use sqlite:///path/to/file.db or postgresql+psycopg://user@host/db."
         )
-    return backend_type(parsed)
+    return backend_type(parsed, connections)
 
 
 def database_secrets(url: str) -> set[str]:
@@ -98,8 +100,9 @@ class Backend(ABC):
     drivers: ClassVar[tuple[str, ...]]
     reachable_hint: ClassVar[str]
 
-    def __init__(self, url: URL) -> None:
+    def __init__(self, url: URL, connections: int = 5) -> None:
         self.url = url
+        self.connections = connections
         shown = url.set(query={k: v for k, v in url.query.items() if k != "password"})
         self.where = shown.render_as_string(hide_password=True)
         self.engine = self._create_engine()
@@ -126,7 +129,7 @@ class Backend(ABC):
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
+        with self._write_turn() if write else nullcontext(), self.engine.connect() as conn:
             if write:
                 conn.execution_options(**{_WRITE_OPTION: True})
             with conn.begin():
@@ -134,6 +137,10 @@ class Backend(ABC):
 
     @abstractmethod
     def _create_engine(self) -> Engine: ...
+
+    def _write_turn(self) -> AbstractContextManager[object]:
+        """Held around each write transaction; nothing to hold where the database queues them."""
+        return nullcontext()
 
     @abstractmethod
     def insert(self, table: Table) -> sqlite.Insert | postgresql.Insert:
@@ -253,6 +260,7 @@ class _SQLiteBackend(Backend):
         self._path = path if path and path != ":memory:" else None
         self._held: set[str] = set()
         self._held_guard = threading.Lock()
+        self._writer = threading.RLock()
         if self._path is None:
             # One shared connection: each new connection to :memory: would be another database.
             engine = create_engine(
@@ -266,10 +274,17 @@ class _SQLiteBackend(Backend):
             # Locks are named from the file itself, not the path string: a symlink, `./a.db`
             # and an absolute path to one file must share its locks.
             self._lock_base = os.path.realpath(self._path)
-            engine = create_engine(self.url, json_serializer=_json_dumps)
+            engine = create_engine(
+                self.url, pool_size=self.connections, json_serializer=_json_dumps
+            )
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
+
+    def _write_turn(self) -> AbstractContextManager[object]:
+        """One writer at a time in this process: SQLite allows one anyway, and threads queued
+        here take their turn at once, where SQLite's busy handler would poll with sleeps."""
+        return self._writer
 
     def insert(self, table: Table) -> sqlite.Insert:
         return _cached_insert(self._inserts, table, sqlite.insert)
@@ -374,6 +389,7 @@ class _PostgresBackend(Backend):
         defaults = {"connect_timeout": 10, "application_name": "contacts-sync"}
         engine = create_engine(
             self.url.set(drivername="postgresql+psycopg"),
+            pool_size=self.connections,
             pool_pre_ping=True,
             json_serializer=_json_dumps,
             connect_args={k: v for k, v in defaults.items() if k not in self.url.query},

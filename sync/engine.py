@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -249,19 +250,23 @@ class SyncEngine:
         backfill: bool = False,
         since: datetime | None = None,
         restart: bool = False,
+        workers: int = 1,
     ) -> list[CompanyOutcome]:
-        """One pass per company; a company that fails does not stop the others."""
-        outcomes = []
-        for company_id in companies:
+        """One pass per company, `workers` at a time; one that fails does not stop the others."""
+
+        def one(company_id: str) -> CompanyOutcome:
             try:
                 report = self.sync_company(
                     company_id, backfill=backfill, since=since, restart=restart
                 )
             except SyncError as exc:
-                outcomes.append(CompanyOutcome(company_id, None, exc))
-            else:
-                outcomes.append(CompanyOutcome(company_id, report, None))
-        return outcomes
+                return CompanyOutcome(company_id, None, exc)
+            return CompanyOutcome(company_id, report, None)
+
+        if workers <= 1 or len(companies) <= 1:
+            return [one(company_id) for company_id in companies]
+        with ThreadPoolExecutor(min(workers, len(companies)), "contacts-sync-pass") as pool:
+            return list(pool.map(one, companies))
 
     def sync_company(
         self,
@@ -423,7 +428,9 @@ class SyncEngine:
         seen = _Seen()
         client = self._unfiltered if unfiltered and self._unfiltered is not None else self._client
         only = api.client_id if client is not self._client else None
-        steps = self._walk_steps(client, company_id, since, stats=stats, fresh_after=self._clock())
+        steps = self._walk_steps(
+            client, company_id, since, [], stats=stats, fresh_after=self._clock()
+        )
         with self._store.page_writer(company_id) as writer, closing(steps):
             for step in steps:
                 parsed = step.page.parsed
@@ -440,7 +447,12 @@ class SyncEngine:
         return seen
 
     def _walk_steps(
-        self, client: ContactsClient, company_id: str, since: datetime | None, **walk: Any
+        self,
+        client: ContactsClient,
+        company_id: str,
+        since: datetime | None,
+        retried: list[str],
+        **walk: Any,
     ) -> Generator[PageStep]:
         """`walk_pages` over the company's list; when it ends (or is closed) the requests it
         left in flight stop retrying."""
@@ -448,7 +460,7 @@ class SyncEngine:
         walk_over = threading.Event()
         try:
             yield from walk_pages(
-                self._fetcher(client, company_id, since, walk_over),
+                self._fetcher(client, company_id, since, walk_over, retried),
                 limit=api.page_size,
                 concurrency=api.concurrency,
                 **walk,
@@ -462,6 +474,7 @@ class SyncEngine:
         company_id: str,
         since: datetime | None,
         walk_over: threading.Event,
+        retried: list[str],
     ) -> Fetch:
         """The walk's fetch: the pass's `gt:` filter, or for one request the walk's own bound.
 
@@ -481,6 +494,7 @@ class SyncEngine:
                 updated_after=after,
                 updated_before=before,
                 abandoned=walk_over,
+                retried=retried,
             )
 
         return fetch
@@ -511,7 +525,6 @@ class SyncEngine:
             resumed=checkpoint is not None,
             cursor_before=state.cursor,
         )
-        retries_before = Counter(self._retries)
         log.info(
             "pass.started",
             company_id=company_id,
@@ -521,8 +534,9 @@ class SyncEngine:
         )
         if self._observer is not None:
             self._observer.pass_started(company_id, mode, report.resumed)
-        walked = self._walk(company_id, mode, filter_since, checkpoint, report)
-        report.retries = dict(Counter(self._retries) - retries_before)
+        retried: list[str] = []
+        walked = self._walk(company_id, mode, filter_since, checkpoint, report, retried=retried)
+        report.retries = dict(Counter(retried))
         report.duration_s = round(time.monotonic() - started, 3)
         report.cursor_after = self._finish_pass(company_id, walked, report)
         log.info("pass.finished", **report.as_event())
@@ -562,6 +576,8 @@ class SyncEngine:
         filter_since: datetime | None,
         checkpoint: Checkpoint | None,
         report: PassReport,
+        *,
+        retried: list[str],
     ) -> tuple[datetime | None, datetime]:
         """Page through the list; each commit saves the checkpoint that resumes after it."""
         api = self._settings.api
@@ -575,6 +591,7 @@ class SyncEngine:
             self._client,
             company_id,
             filter_since,
+            retried,
             start_offset=checkpoint.next_offset if checkpoint else 0,
             anchors=checkpoint.anchors if checkpoint else (),
             stats=stats,

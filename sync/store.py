@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from time import monotonic
 from typing import Any, NamedTuple
 
@@ -25,6 +25,7 @@ from sync.models import (
     CheckpointRecord,
     Contact,
     QuarantineEntry,
+    ScheduleEntry,
     SyncState,
     table_of,
 )
@@ -43,6 +44,7 @@ _CONTACTS = table_of(Contact)
 _STATE = table_of(SyncState)
 _QUARANTINE = table_of(QuarantineEntry)
 _CHECKPOINTS = table_of(CheckpointRecord)
+_SCHEDULE = table_of(ScheduleEntry)
 
 _ID_BATCH = 500
 """Ids per statement in mark_deleted/undelete: far below either database's parameter limit."""
@@ -200,9 +202,10 @@ class MirrorStore:
         """Per company whose lock this store holds: raises if it was lost (see `_still_locked`)."""
 
     @classmethod
-    def open(cls, url: str) -> MirrorStore:
-        """Connect, create or upgrade the schema through Alembic, and return a ready store."""
-        store = cls(open_backend(url))
+    def open(cls, url: str, *, connections: int = 5) -> MirrorStore:
+        """Connect, create or upgrade the schema through Alembic, and return a ready store
+        (`connections`: how many the pool keeps)."""
+        store = cls(open_backend(url, connections=connections))
         try:
             store._migrate()
         except BaseException:
@@ -545,6 +548,75 @@ class MirrorStore:
             ),
         )
 
+    def add_to_schedule(self, first_due: dict[str, datetime], companies: Sequence[str]) -> None:
+        """Make each company's jobs known to the schedule: a job new to it is first due at
+        `first_due[job]`; one already there (another replica's, or from before a restart) keeps
+        its due time."""
+        entries = [
+            {"company_id": company, "job": job, "due_at": _utc(at)}
+            for job, at in first_due.items()
+            for company in companies
+        ]
+        if not entries:
+            return
+        statement = self._backend.insert(_SCHEDULE).on_conflict_do_nothing(
+            index_elements=["company_id", "job"]
+        )
+        with self._backend.write() as conn:
+            conn.execute(statement, entries)
+
+    def claim_due(
+        self,
+        every_s: dict[str, float],
+        companies: Collection[str],
+        *,
+        limit: int,
+        owner: str,
+        now: datetime,
+        busy: Collection[str] = (),
+    ) -> list[tuple[str, str]]:
+        """Claim up to `limit` due (company, job) entries, the longest-due first, and move each
+        one's due time a whole interval on, so that no other replica claims it meanwhile.
+
+        `every_s` gives the jobs to claim and their intervals; `busy` companies (running here)
+        are left for later. Entries another replica is claiming at the same moment are skipped,
+        not waited for (SKIP LOCKED on PostgreSQL; SQLite serialises writers anyway).
+        """
+        if limit <= 0 or not companies:
+            return []
+        now = _utc(now)
+        wanted = [company for company in companies if company not in busy]
+        due = (
+            select(_SCHEDULE.c.company_id, _SCHEDULE.c.job)
+            .where(
+                _SCHEDULE.c.due_at <= now,
+                _SCHEDULE.c.job.in_(list(every_s)),
+                _SCHEDULE.c.company_id.in_(wanted),
+            )
+            .order_by(_SCHEDULE.c.due_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self._backend.write() as conn:
+            claimed: list[tuple[str, str]] = []
+            for row in conn.execute(due):
+                # A company's sync and reconcile never run at once: the later one waits its turn.
+                if all(company != row.company_id for company, _ in claimed):
+                    claimed.append((row.company_id, row.job))
+            for job, seconds in every_s.items():
+                mine = [company for company, kind in claimed if kind == job]
+                if mine:
+                    conn.execute(
+                        update(_SCHEDULE)
+                        .where(_SCHEDULE.c.job == job, _SCHEDULE.c.company_id.in_(mine))
+                        .values(
+                            due_at=now + timedelta(seconds=seconds),
+                            claimed_by=owner,
+                            claimed_at=now,
+                        )
+                    )
+        return claimed
+
     def close(self) -> None:
         self._backend.engine.dispose()
 
@@ -622,7 +694,7 @@ def _stored_revisions(conn: Connection) -> list[str]:
     return list(conn.execute(query).scalars())
 
 
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0006"
 """The newest migration's revision; a test keeps it equal to Alembic's head."""
 
 
