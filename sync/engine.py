@@ -657,10 +657,17 @@ class SyncEngine:
     def _finish_pass(
         self, company_id: str, walked: tuple[datetime | None, datetime], report: PassReport
     ) -> datetime | None:
-        """Advance the cursor: to the newest row seen, but never past the pass's start, and not
-        at all when the pass's filter left rows after the cursor unread."""
+        """Advance the cursor: to the newest row seen, or to the pass's start minus the lookback
+        when that is later (a quiet list), never past the pass's start; and not at all when
+        the pass's filter left rows after the cursor unread.
+
+        Taking the pass's start on a quiet list lets the next pass's window hold no row, so it
+        is one request; rows committed late are still re-read up to twice the lookback behind
+        the start (the server's clock, which stamps them).
+        """
         high_water, pass_began = walked
-        target = None if high_water is None else min(high_water, pass_began)
+        settled = pass_began - timedelta(seconds=self._settings.sync.lookback_s)
+        target = None if high_water is None else min(max(high_water, settled), pass_began)
         if target is not None and not self._covers_cursor(
             report.filter_since, report.cursor_before
         ):
