@@ -15,7 +15,19 @@ from datetime import UTC, datetime, timedelta
 from time import monotonic
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, case, delete, func, inspect, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    Text,
+    bindparam,
+    case,
+    delete,
+    func,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.sql.expression import ColumnElement, Executable
 
 from sync.backends import Backend, open_backend
@@ -200,6 +212,12 @@ class MirrorStore:
         self._backend = backend
         self._lock_checks: dict[str, Callable[[Connection], None]] = {}
         """Per company whose lock this store holds: raises if it was lost (see `_still_locked`)."""
+        # Every pass runs these, a quiet one little else: built once, they are only executed.
+        company = bindparam("company_id", type_=Text())
+        self._select_state = select(_STATE).where(_STATE.c.company_id == company)
+        self._select_checkpoint = select(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company)
+        self._drop_checkpoint = delete(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company)
+        self._advance = _advance_statement(backend)
 
     @classmethod
     def open(cls, url: str, *, connections: int = 5) -> MirrorStore:
@@ -338,7 +356,15 @@ class MirrorStore:
 
     def read_state(self, company_id: str) -> CompanyState:
         with self._backend.read() as conn:
-            row = conn.execute(select(_STATE).where(_STATE.c.company_id == company_id)).first()
+            return self._state(conn, company_id)
+
+    def pass_state(self, company_id: str) -> tuple[CompanyState, Checkpoint | None]:
+        """What a pass starts from, its state and its checkpoint, in one transaction."""
+        with self._backend.read() as conn:
+            return self._state(conn, company_id), self._checkpoint(conn, company_id)
+
+    def _state(self, conn: Connection, company_id: str) -> CompanyState:
+        row = conn.execute(self._select_state, {"company_id": company_id}).first()
         if row is None:
             return CompanyState(company_id, None, None, None, None)
         return CompanyState(
@@ -357,34 +383,16 @@ class MirrorStore:
         Returns the cursor now stored, the later of the stored one and `cursor`; None for
         `cursor` (a pass that saw no rows) records the success and keeps the stored cursor.
         """
-        insert = self._backend.insert(_STATE)
-        new = insert.excluded.cursor
-        statement = (
-            insert.values(
-                company_id=company_id,
-                cursor=None if cursor is None else _utc(cursor),
-                last_success_at=_utc(at),
-                last_pass=summary,
-            )
-            .on_conflict_do_update(
-                index_elements=["company_id"],
-                set_={
-                    "cursor": case(
-                        (or_(_STATE.c.cursor.is_(None), _STATE.c.cursor < new), new),
-                        else_=_STATE.c.cursor,
-                    ),
-                    "last_success_at": insert.excluded.last_success_at,
-                    "last_error": None,
-                    "last_error_at": None,
-                    "last_pass": insert.excluded.last_pass,
-                },
-            )
-            .returning(_STATE.c.cursor)
-        )
+        parameters = {
+            "company_id": company_id,
+            "cursor": None if cursor is None else _utc(cursor),
+            "last_success_at": _utc(at),
+            "last_pass": summary,
+        }
         with self._backend.write() as conn:
             self._backend.durable(conn)
-            stored: datetime | None = conn.execute(statement).scalar_one()
-            conn.execute(delete(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company_id))
+            stored: datetime | None = conn.execute(self._advance, parameters).scalar_one()
+            conn.execute(self._drop_checkpoint, parameters)
             self._still_locked(conn, company_id)
         return stored
 
@@ -405,9 +413,10 @@ class MirrorStore:
 
     def load_checkpoint(self, company_id: str) -> Checkpoint | None:
         with self._backend.read() as conn:
-            row = conn.execute(
-                select(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company_id)
-            ).first()
+            return self._checkpoint(conn, company_id)
+
+    def _checkpoint(self, conn: Connection, company_id: str) -> Checkpoint | None:
+        row = conn.execute(self._select_checkpoint, {"company_id": company_id}).first()
         if row is None:
             return None
         return Checkpoint(
@@ -687,6 +696,34 @@ class MirrorStore:
                     f"{str(exc).splitlines()[0]}; if a newer contacts-sync upgraded it, "
                     "upgrade contacts-sync too, or point database.url at another database."
                 ) from exc
+
+
+def _advance_statement(backend: Backend) -> Executable:
+    """Record a completed pass; the stored cursor becomes the later of it and the new one."""
+    insert = backend.insert(_STATE)
+    new = insert.excluded.cursor
+    return (
+        insert.values(
+            company_id=bindparam("company_id", type_=Text()),
+            cursor=bindparam("cursor", type_=_STATE.c.cursor.type),
+            last_success_at=bindparam("last_success_at", type_=_STATE.c.last_success_at.type),
+            last_pass=bindparam("last_pass", type_=_STATE.c.last_pass.type),
+        )
+        .on_conflict_do_update(
+            index_elements=["company_id"],
+            set_={
+                "cursor": case(
+                    (or_(_STATE.c.cursor.is_(None), _STATE.c.cursor < new), new),
+                    else_=_STATE.c.cursor,
+                ),
+                "last_success_at": insert.excluded.last_success_at,
+                "last_error": None,
+                "last_error_at": None,
+                "last_pass": insert.excluded.last_pass,
+            },
+        )
+        .returning(_STATE.c.cursor)
+    )
 
 
 def _stored_revisions(conn: Connection) -> list[str]:
