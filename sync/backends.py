@@ -25,7 +25,22 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy import URL, Connection, Engine, Table, create_engine, event, make_url, text
+from sqlalchemy import (
+    URL,
+    ColumnElement,
+    Connection,
+    Engine,
+    Table,
+    Text,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    make_url,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError, StatementError
 from sqlalchemy.pool import StaticPool
@@ -141,6 +156,15 @@ class Backend(ABC):
     def _write_turn(self) -> AbstractContextManager[object]:
         """Held around each write transaction; nothing to hold where the database queues them."""
         return nullcontext()
+
+    @abstractmethod
+    def one_of(self, column: ColumnElement[str], name: str) -> ColumnElement[bool]:
+        """`column` is one of the texts bound as `name` (given through `text_list`): one
+        parameter, however many texts, so the statement's text is the same every time."""
+
+    @abstractmethod
+    def text_list(self, values: Sequence[str]) -> object:
+        """The value to bind for a `one_of` parameter."""
 
     @abstractmethod
     def insert(self, table: Table) -> sqlite.Insert | postgresql.Insert:
@@ -286,6 +310,13 @@ class _SQLiteBackend(Backend):
         here take their turn at once, where SQLite's busy handler would poll with sleeps."""
         return self._writer
 
+    def one_of(self, column: ColumnElement[str], name: str) -> ColumnElement[bool]:
+        listed = func.json_each(bindparam(name, type_=Text())).table_valued("value")
+        return column.in_(select(listed.c.value))
+
+    def text_list(self, values: Sequence[str]) -> object:
+        return json.dumps(list(values))
+
     def insert(self, table: Table) -> sqlite.Insert:
         return _cached_insert(self._inserts, table, sqlite.insert)
 
@@ -396,6 +427,12 @@ class _PostgresBackend(Backend):
         )
         event.listen(engine, "connect", _postgres_on_connect)
         return engine
+
+    def one_of(self, column: ColumnElement[str], name: str) -> ColumnElement[bool]:
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(Text())))
+
+    def text_list(self, values: Sequence[str]) -> object:
+        return list(values)
 
     def insert(self, table: Table) -> postgresql.Insert:
         return _cached_insert(self._inserts, table, postgresql.insert)

@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -115,6 +116,8 @@ class Daemon:
         self._capacity = sync.workers
         self._running: set[str] = set()
         """Companies with a job on a worker now; claims skip them."""
+        self._queued: deque[tuple[str, str]] = deque()
+        """Claimed jobs waiting for a worker, in claim order."""
         self._claiming = threading.Lock()
         self._scheduler = BackgroundScheduler(
             executors={"default": SchedulerExecutor(max_workers=1)},
@@ -179,31 +182,48 @@ class Daemon:
             if self._scheduler.running:
                 self._notifier.watchdog()
 
-    def _claim_and_start(self) -> None:
-        """Claim due jobs for the free workers and start them; one claim at a time here."""
-        with self._claiming:
+    def _claim_and_start(self, *, wait: bool = False) -> None:
+        """Start due jobs on the free workers, claiming from the schedule when none are queued.
+
+        A claim takes a round ahead (up to `sync.workers` more than there are free workers),
+        so a worker that finishes usually starts the next job without a round trip. The tick
+        gives up at once while a worker claims (`wait` False); a finishing worker waits.
+        """
+        if not self._claiming.acquire(blocking=wait):
+            return
+        try:
             free = self._capacity - len(self._running)
             if self._stop.is_set() or free <= 0:
                 return
-            try:
-                claimed = self._store.claim_due(
-                    self._every,
-                    self._companies,
-                    limit=free,
-                    owner=self._owner,
-                    now=datetime.now(UTC),
-                    busy=self._running,
-                )
-            except DatabaseError as exc:
-                log.warning("schedule.claim_failed", error=exc.message)
-                if self._metrics is not None:
-                    self._metrics.schedule_errors.inc()
-                return
-            for company_id, job in claimed:
+            if len(self._queued) < free:
+                self._claim(free + self._capacity - len(self._queued))
+            while free > 0 and self._queued:
+                company_id, job = self._queued.popleft()
                 self._running.add(company_id)
                 self._workers.submit(self._run_job, company_id, job)
+                free -= 1
+        finally:
+            self._claiming.release()
         if self._metrics is not None:
             self._metrics.workers_busy.set(len(self._running))
+
+    def _claim(self, wanted: int) -> None:
+        busy = self._running | {company for company, _ in self._queued}
+        try:
+            claimed = self._store.claim_due(
+                self._every,
+                self._companies,
+                limit=wanted,
+                owner=self._owner,
+                now=datetime.now(UTC),
+                busy=busy,
+            )
+        except DatabaseError as exc:
+            log.warning("schedule.claim_failed", error=exc.message)
+            if self._metrics is not None:
+                self._metrics.schedule_errors.inc()
+            return
+        self._queued.extend(claimed)
 
     def _run_job(self, company_id: str, job: str) -> None:
         try:
@@ -214,7 +234,7 @@ class Daemon:
         finally:
             with self._claiming:
                 self._running.discard(company_id)
-        self._claim_and_start()
+        self._claim_and_start(wait=True)
 
     def _reconcile(self, company_id: str) -> str:
         """A reconcile job; one the mass-deletion guard stopped is a "refused" outcome."""

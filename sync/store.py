@@ -218,6 +218,29 @@ class MirrorStore:
         self._select_checkpoint = select(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company)
         self._drop_checkpoint = delete(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company)
         self._advance = _advance_statement(backend)
+        self._due = (
+            select(_SCHEDULE.c.company_id, _SCHEDULE.c.job, _SCHEDULE.c.due_at)
+            .where(
+                _SCHEDULE.c.due_at <= bindparam("now", type_=_SCHEDULE.c.due_at.type),
+                backend.one_of(_SCHEDULE.c.job, "jobs"),
+                backend.one_of(_SCHEDULE.c.company_id, "companies"),
+            )
+            .order_by(_SCHEDULE.c.due_at)
+            .limit(bindparam("limit"))
+            .with_for_update(skip_locked=True)
+        )
+        self._move_due = (
+            update(_SCHEDULE)
+            .where(
+                _SCHEDULE.c.company_id == bindparam("company"),
+                _SCHEDULE.c.job == bindparam("kind"),
+            )
+            .values(
+                due_at=bindparam("due", type_=_SCHEDULE.c.due_at.type),
+                claimed_by=bindparam("owner"),
+                claimed_at=bindparam("at", type_=_SCHEDULE.c.claimed_at.type),
+            )
+        )
 
     @classmethod
     def open(cls, url: str, *, connections: int = 5) -> MirrorStore:
@@ -577,15 +600,16 @@ class MirrorStore:
     def claim_due(
         self,
         every_s: dict[str, float],
-        companies: Collection[str],
+        companies: Sequence[str],
         *,
         limit: int,
         owner: str,
         now: datetime,
         busy: Collection[str] = (),
     ) -> list[tuple[str, str]]:
-        """Claim up to `limit` due (company, job) entries, the longest-due first, and move each
-        one's due time a whole interval on, so that no other replica claims it meanwhile.
+        """Claim up to `limit` due (company, job) entries of `companies`, the longest-due first,
+        and move each one's due time an interval on from when it was due (from now, when it is
+        more than an interval late), so no other replica claims it meanwhile.
 
         `every_s` gives the jobs to claim and their intervals; `busy` companies (running here)
         are left for later. Entries another replica is claiming at the same moment are skipped,
@@ -594,36 +618,37 @@ class MirrorStore:
         if limit <= 0 or not companies:
             return []
         now = _utc(now)
-        wanted = [company for company in companies if company not in busy]
-        due = (
-            select(_SCHEDULE.c.company_id, _SCHEDULE.c.job)
-            .where(
-                _SCHEDULE.c.due_at <= now,
-                _SCHEDULE.c.job.in_(list(every_s)),
-                _SCHEDULE.c.company_id.in_(wanted),
-            )
-            .order_by(_SCHEDULE.c.due_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+        # The statement's text never changes, so it is compiled and parsed once: the companies
+        # travel as one parameter, and busy ones are skipped here, not in SQL.
+        parameters = {
+            "companies": self._backend.text_list(companies),
+            "jobs": self._backend.text_list(list(every_s)),
+            "now": now,
+            "limit": limit + len(busy),
+        }
         with self._backend.write() as conn:
             claimed: list[tuple[str, str]] = []
-            for row in conn.execute(due):
+            moves = []
+            for row in conn.execute(self._due, parameters):
                 # A company's sync and reconcile never run at once: the later one waits its turn.
-                if all(company != row.company_id for company, _ in claimed):
-                    claimed.append((row.company_id, row.job))
-            for job, seconds in every_s.items():
-                mine = [company for company, kind in claimed if kind == job]
-                if mine:
-                    conn.execute(
-                        update(_SCHEDULE)
-                        .where(_SCHEDULE.c.job == job, _SCHEDULE.c.company_id.in_(mine))
-                        .values(
-                            due_at=now + timedelta(seconds=seconds),
-                            claimed_by=owner,
-                            claimed_at=now,
-                        )
-                    )
+                if row.company_id in busy or any(c == row.company_id for c, _ in claimed):
+                    continue
+                every = timedelta(seconds=every_s[row.job])
+                due = row.due_at + every
+                moves.append(
+                    {
+                        "company": row.company_id,
+                        "kind": row.job,
+                        "due": due if due > now else now + every,
+                        "owner": owner,
+                        "at": now,
+                    }
+                )
+                claimed.append((row.company_id, row.job))
+                if len(claimed) == limit:
+                    break
+            if moves:
+                conn.execute(self._move_due, moves)
         return claimed
 
     def close(self) -> None:

@@ -66,9 +66,12 @@ class TestFullLoad:
         assert first.cursor_after > newest + timedelta(hours=1)
         quiet = run_pass(settings)
         assert (quiet.requests, quiet.rows_fetched) == (1, 0)
-        sandbox.data.update("1", count=1)
+        sandbox.data.update("1", count=3)
+        before = len(sandbox.requests())
         run_pass(settings)
         assert mirror_rows(db_url) == upstream_rows(sandbox)
+        # The three rows, and the page that proves the end: nothing fetched ahead of a short page.
+        assert len(sandbox.requests()) - before == 2
 
 
 class TestCursorBound:
