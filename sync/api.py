@@ -120,9 +120,11 @@ class ContactsClient:
         updated_after: datetime | None,
         updated_before: datetime | None = None,
         abandoned: threading.Event | None = None,
+        retried: list[str] | None = None,
     ) -> Page:
         """One page, retried per the policy; raises a typed error when it cannot be had.
-        Once `abandoned` is set, retrying stops: nobody waits for the page any more.
+        Once `abandoned` is set, retrying stops: nobody waits for the page any more. Retry
+        reasons are appended to `retried`, if given.
 
         The endpoint takes one `updated_at` filter: `gt:` (after) or `lt:` (before).
         """
@@ -137,7 +139,9 @@ class ContactsClient:
             params["client_id"] = self._settings.client_id
         headers = {self._settings.company_header: company_id}
         return self._retry.call(
-            lambda: self._get_page(params, headers, offset, limit), abandoned=abandoned
+            lambda: self._get_page(params, headers, offset, limit),
+            abandoned=abandoned,
+            retried=retried,
         )
 
     def _get_page(

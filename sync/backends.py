@@ -16,7 +16,7 @@ import sqlite3
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar, cast
@@ -25,7 +25,22 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy import URL, Connection, Engine, Table, create_engine, event, make_url, text
+from sqlalchemy import (
+    URL,
+    ColumnElement,
+    Connection,
+    Engine,
+    Table,
+    Text,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    make_url,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError, StatementError
 from sqlalchemy.pool import StaticPool
@@ -43,10 +58,12 @@ _WRITE_OPTION = "contacts_sync_write"
 """Execution option that makes a SQLite transaction BEGIN IMMEDIATE: it waits, never deadlocks."""
 
 
-def open_backend(url: str) -> Backend:
+def open_backend(url: str, *, connections: int = 5) -> Backend:
     """The backend for a database.url, with its engine created but not yet connected.
 
-    The URL's passwords are registered with the redactor first: driver errors may echo them.
+    `connections` is how many the pool keeps: the daemon's passes each hold a lock and a
+    transaction at once. The URL's passwords are registered with the redactor first: driver
+    errors may echo them.
     """
     for secret in database_secrets(url):
         redactor().add(secret)
@@ -65,7 +82,7 @@ def open_backend(url: str) -> Backend:
             f"database.url uses {parsed.drivername}, which contacts-sync does not support; "
             "use sqlite:///path/to/file.db or postgresql+psycopg://user@host/db."
         )
-    return backend_type(parsed)
+    return backend_type(parsed, connections)
 
 
 def database_secrets(url: str) -> set[str]:
@@ -98,8 +115,9 @@ class Backend(ABC):
     drivers: ClassVar[tuple[str, ...]]
     reachable_hint: ClassVar[str]
 
-    def __init__(self, url: URL) -> None:
+    def __init__(self, url: URL, connections: int = 5) -> None:
         self.url = url
+        self.connections = connections
         shown = url.set(query={k: v for k, v in url.query.items() if k != "password"})
         self.where = shown.render_as_string(hide_password=True)
         self.engine = self._create_engine()
@@ -126,7 +144,7 @@ class Backend(ABC):
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
+        with self._write_turn() if write else nullcontext(), self.engine.connect() as conn:
             if write:
                 conn.execution_options(**{_WRITE_OPTION: True})
             with conn.begin():
@@ -134,6 +152,19 @@ class Backend(ABC):
 
     @abstractmethod
     def _create_engine(self) -> Engine: ...
+
+    def _write_turn(self) -> AbstractContextManager[object]:
+        """Held around each write transaction; nothing to hold where the database queues them."""
+        return nullcontext()
+
+    @abstractmethod
+    def one_of(self, column: ColumnElement[str], name: str) -> ColumnElement[bool]:
+        """`column` is one of the texts bound as `name` (given through `text_list`): one
+        parameter, however many texts, so the statement's text is the same every time."""
+
+    @abstractmethod
+    def text_list(self, values: Sequence[str]) -> object:
+        """The value to bind for a `one_of` parameter."""
 
     @abstractmethod
     def insert(self, table: Table) -> sqlite.Insert | postgresql.Insert:
@@ -253,6 +284,7 @@ class _SQLiteBackend(Backend):
         self._path = path if path and path != ":memory:" else None
         self._held: set[str] = set()
         self._held_guard = threading.Lock()
+        self._writer = threading.RLock()
         if self._path is None:
             # One shared connection: each new connection to :memory: would be another database.
             engine = create_engine(
@@ -266,10 +298,24 @@ class _SQLiteBackend(Backend):
             # Locks are named from the file itself, not the path string: a symlink, `./a.db`
             # and an absolute path to one file must share its locks.
             self._lock_base = os.path.realpath(self._path)
-            engine = create_engine(self.url, json_serializer=_json_dumps)
+            engine = create_engine(
+                self.url, pool_size=self.connections, json_serializer=_json_dumps
+            )
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
+
+    def _write_turn(self) -> AbstractContextManager[object]:
+        """One writer at a time in this process: SQLite allows one anyway, and threads queued
+        here take their turn at once, where SQLite's busy handler would poll with sleeps."""
+        return self._writer
+
+    def one_of(self, column: ColumnElement[str], name: str) -> ColumnElement[bool]:
+        listed = func.json_each(bindparam(name, type_=Text())).table_valued("value")
+        return column.in_(select(listed.c.value))
+
+    def text_list(self, values: Sequence[str]) -> object:
+        return json.dumps(list(values))
 
     def insert(self, table: Table) -> sqlite.Insert:
         return _cached_insert(self._inserts, table, sqlite.insert)
@@ -374,12 +420,19 @@ class _PostgresBackend(Backend):
         defaults = {"connect_timeout": 10, "application_name": "contacts-sync"}
         engine = create_engine(
             self.url.set(drivername="postgresql+psycopg"),
+            pool_size=self.connections,
             pool_pre_ping=True,
             json_serializer=_json_dumps,
             connect_args={k: v for k, v in defaults.items() if k not in self.url.query},
         )
         event.listen(engine, "connect", _postgres_on_connect)
         return engine
+
+    def one_of(self, column: ColumnElement[str], name: str) -> ColumnElement[bool]:
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(Text())))
+
+    def text_list(self, values: Sequence[str]) -> object:
+        return list(values)
 
     def insert(self, table: Table) -> postgresql.Insert:
         return _cached_insert(self._inserts, table, postgresql.insert)

@@ -126,7 +126,7 @@ def once(ctx: typer.Context) -> int:
     """Run one incremental pass for every configured company, then exit."""
     settings = _settings(ctx)
     with _engine(settings) as engine:
-        return _finish(engine.sync_all(settings.api.companies))
+        return _finish(engine.sync_all(settings.api.companies, workers=settings.sync.workers))
 
 
 @app.command()

@@ -189,6 +189,8 @@ class SyncSettings(_Section):
     deletes: Literal["soft", "hard"] = "soft"
     max_delete_fraction: float = Field(default=0.2, gt=0, le=1)
     """The largest share of a company's live rows one reconcile marks without --force."""
+    workers: int = Field(default=8, ge=1, le=256)
+    """Companies synced at once (`run` and `once`); each pass waits on upstream most of the time."""
 
     @field_validator("initial_since")
     @classmethod

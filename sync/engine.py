@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -95,7 +96,8 @@ class PassReport:
     duration_s: float = 0.0
 
     def as_event(self) -> dict[str, Any]:
-        fields = asdict(self)
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        fields["retries"] = dict(self.retries)
         for name in ("filter_since", "cursor_before", "cursor_after"):
             moment = fields[name]
             fields[name] = moment.isoformat() if moment is not None else None
@@ -249,19 +251,23 @@ class SyncEngine:
         backfill: bool = False,
         since: datetime | None = None,
         restart: bool = False,
+        workers: int = 1,
     ) -> list[CompanyOutcome]:
-        """One pass per company; a company that fails does not stop the others."""
-        outcomes = []
-        for company_id in companies:
+        """One pass per company, `workers` at a time; one that fails does not stop the others."""
+
+        def one(company_id: str) -> CompanyOutcome:
             try:
                 report = self.sync_company(
                     company_id, backfill=backfill, since=since, restart=restart
                 )
             except SyncError as exc:
-                outcomes.append(CompanyOutcome(company_id, None, exc))
-            else:
-                outcomes.append(CompanyOutcome(company_id, report, None))
-        return outcomes
+                return CompanyOutcome(company_id, None, exc)
+            return CompanyOutcome(company_id, report, None)
+
+        if workers <= 1 or len(companies) <= 1:
+            return [one(company_id) for company_id in companies]
+        with ThreadPoolExecutor(min(workers, len(companies)), "contacts-sync-pass") as pool:
+            return list(pool.map(one, companies))
 
     def sync_company(
         self,
@@ -423,7 +429,9 @@ class SyncEngine:
         seen = _Seen()
         client = self._unfiltered if unfiltered and self._unfiltered is not None else self._client
         only = api.client_id if client is not self._client else None
-        steps = self._walk_steps(client, company_id, since, stats=stats, fresh_after=self._clock())
+        steps = self._walk_steps(
+            client, company_id, since, [], stats=stats, fresh_after=self._clock()
+        )
         with self._store.page_writer(company_id) as writer, closing(steps):
             for step in steps:
                 parsed = step.page.parsed
@@ -431,7 +439,8 @@ class SyncEngine:
                     seen.server_began = step.page.server_time
                 seen.add(parsed)
                 rows, rejected = _ours(parsed, only, keep)
-                writer.write(rows, rejected, None, self._clock())
+                if rows or rejected:
+                    writer.write(rows, rejected, None, self._clock())
                 _commit_unless_more_ready(writer, step)
                 if self._stop is not None and self._stop.is_set() and not step.last:
                     raise PassInterrupted(company_id)
@@ -440,7 +449,12 @@ class SyncEngine:
         return seen
 
     def _walk_steps(
-        self, client: ContactsClient, company_id: str, since: datetime | None, **walk: Any
+        self,
+        client: ContactsClient,
+        company_id: str,
+        since: datetime | None,
+        retried: list[str],
+        **walk: Any,
     ) -> Generator[PageStep]:
         """`walk_pages` over the company's list; when it ends (or is closed) the requests it
         left in flight stop retrying."""
@@ -448,7 +462,7 @@ class SyncEngine:
         walk_over = threading.Event()
         try:
             yield from walk_pages(
-                self._fetcher(client, company_id, since, walk_over),
+                self._fetcher(client, company_id, since, walk_over, retried),
                 limit=api.page_size,
                 concurrency=api.concurrency,
                 **walk,
@@ -462,6 +476,7 @@ class SyncEngine:
         company_id: str,
         since: datetime | None,
         walk_over: threading.Event,
+        retried: list[str],
     ) -> Fetch:
         """The walk's fetch: the pass's `gt:` filter, or for one request the walk's own bound.
 
@@ -481,6 +496,7 @@ class SyncEngine:
                 updated_after=after,
                 updated_before=before,
                 abandoned=walk_over,
+                retried=retried,
             )
 
         return fetch
@@ -496,9 +512,8 @@ class SyncEngine:
         self, company_id: str, *, backfill: bool, since: datetime | None, restart: bool
     ) -> PassReport:
         started = time.monotonic()
-        state = self._store.read_state(company_id)
+        state, checkpoint = self._store.pass_state(company_id)
         mode, filter_since = self._plan(state.cursor, backfill=backfill, since=since)
-        checkpoint = self._store.load_checkpoint(company_id)
         if checkpoint is not None and (restart or not _resumable(checkpoint, mode, filter_since)):
             self._store.clear_checkpoint(company_id)
             checkpoint = None
@@ -511,7 +526,6 @@ class SyncEngine:
             resumed=checkpoint is not None,
             cursor_before=state.cursor,
         )
-        retries_before = Counter(self._retries)
         log.info(
             "pass.started",
             company_id=company_id,
@@ -521,8 +535,9 @@ class SyncEngine:
         )
         if self._observer is not None:
             self._observer.pass_started(company_id, mode, report.resumed)
-        walked = self._walk(company_id, mode, filter_since, checkpoint, report)
-        report.retries = dict(Counter(self._retries) - retries_before)
+        retried: list[str] = []
+        walked = self._walk(company_id, mode, filter_since, checkpoint, report, retried=retried)
+        report.retries = dict(Counter(retried))
         report.duration_s = round(time.monotonic() - started, 3)
         report.cursor_after = self._finish_pass(company_id, walked, report)
         log.info("pass.finished", **report.as_event())
@@ -562,6 +577,8 @@ class SyncEngine:
         filter_since: datetime | None,
         checkpoint: Checkpoint | None,
         report: PassReport,
+        *,
+        retried: list[str],
     ) -> tuple[datetime | None, datetime]:
         """Page through the list; each commit saves the checkpoint that resumes after it."""
         api = self._settings.api
@@ -575,6 +592,7 @@ class SyncEngine:
             self._client,
             company_id,
             filter_since,
+            retried,
             start_offset=checkpoint.next_offset if checkpoint else 0,
             anchors=checkpoint.anchors if checkpoint else (),
             stats=stats,
@@ -602,7 +620,12 @@ class SyncEngine:
                     pages=pages,
                     rows=rows,
                 )
-                report.upserted += writer.write(parsed.rows, parsed.rejected, saved, self._clock())
+                if parsed.rows or parsed.rejected or not step.last:
+                    # The empty page that ends a walk has nothing to store, and the cursor's
+                    # commit drops the checkpoint: a quiet pass writes once.
+                    report.upserted += writer.write(
+                        parsed.rows, parsed.rejected, saved, self._clock()
+                    )
                 _commit_unless_more_ready(writer, step)
                 report.pages += 1
                 report.rows_fetched += len(parsed.rows)
@@ -640,10 +663,17 @@ class SyncEngine:
     def _finish_pass(
         self, company_id: str, walked: tuple[datetime | None, datetime], report: PassReport
     ) -> datetime | None:
-        """Advance the cursor: to the newest row seen, but never past the pass's start, and not
-        at all when the pass's filter left rows after the cursor unread."""
+        """Advance the cursor: to the newest row seen, or to the pass's start minus the lookback
+        when that is later (a quiet list), never past the pass's start; and not at all when
+        the pass's filter left rows after the cursor unread.
+
+        Taking the pass's start on a quiet list lets the next pass's window hold no row, so it
+        is one request; rows committed late are still re-read up to twice the lookback behind
+        the start (the server's clock, which stamps them).
+        """
         high_water, pass_began = walked
-        target = None if high_water is None else min(high_water, pass_began)
+        settled = pass_began - timedelta(seconds=self._settings.sync.lookback_s)
+        target = None if high_water is None else min(max(high_water, settled), pass_began)
         if target is not None and not self._covers_cursor(
             report.filter_since, report.cursor_before
         ):

@@ -84,6 +84,17 @@ class Metrics:
             ["company"],
             registry=r,
         )
+        self.workers_busy = Gauge(
+            "contacts_sync_workers_busy",
+            "Daemon workers running a company's job now (at most sync.workers).",
+            registry=r,
+        )
+        self.schedule_errors = Counter(
+            "contacts_sync_schedule_errors",
+            "Ticks that could not claim due companies from the mirror's schedule (the database "
+            "was unreachable): no pass starts until it is back.",
+            registry=r,
+        )
         r.register(_LiveCollector(self._cursor_snapshot, self._retry_snapshot))
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointRecord",
     "Contact",
     "QuarantineEntry",
+    "ScheduleEntry",
     "SyncState",
     "UTCDateTime",
     "metadata",
@@ -192,6 +193,19 @@ class CheckpointRecord(SQLModel, table=True):
     pages: int = Field(sa_column=Column(Integer, nullable=False))
     rows: int = Field(sa_column=Column(Integer, nullable=False))
     updated_at: datetime = _timestamp(nullable=False)
+
+
+class ScheduleEntry(SQLModel, table=True):
+    """When a company's next job is due; replicas claim due entries, so each runs once."""
+
+    __tablename__ = "sync_schedule"
+    __table_args__ = (Index("ix_sync_schedule_due_at", "due_at"),)
+
+    company_id: str = Field(sa_column=Column(Text, primary_key=True))
+    job: str = Field(sa_column=Column(Text, primary_key=True))
+    due_at: datetime = _timestamp(nullable=False)
+    claimed_by: str | None = _text()
+    claimed_at: datetime | None = _timestamp(nullable=True)
 
 
 def table_of(model: type[SQLModel]) -> Table:

@@ -353,11 +353,12 @@ class _Walk:
     def _accept(self, offset: int, page: Page, last: bool) -> Iterator[PageStep]:
         alignment, prefetcher = self.alignment, self.prefetcher
         alignment.accept(page, offset)
+        short = page.size < self.page_size  # than any page before it: judged before it counts
         if page.size > self.served:
             self.served = page.size
             alignment.max_overlap = max(1, page.size // 2)
         if not last:
-            if page.size < self.page_size:
+            if short:
                 self.window.size = 0  # probably the end: fetch only the page that proves it
             else:
                 self.window.grow(prefetcher.fetch_s)

@@ -38,15 +38,18 @@ class Counts(Protocol):
 class Prefetcher:
     """Keeps fetches in flight at predicted offsets and hands them back in order.
 
-    With concurrency 1 there is no thread pool: each fetch runs when it is asked for.
-    `fetch_s` is a moving average of how long one fetch takes, the walk's first one (a cold
-    connection, a cold server) left out.
+    A fetch asked for with nothing in flight runs on the caller's thread, which waits for it
+    anyway; only fetches ahead go to a thread pool, made at the first (so a walk of one page,
+    a quiet pass, starts no thread). With concurrency 1 nothing is fetched ahead. `fetch_s` is
+    a moving average of how long one fetch takes, the walk's first one (a cold connection, a
+    cold server) left out.
     """
 
     def __init__(self, fetch: Callable[[int], Page], concurrency: int, stats: Counts) -> None:
         self._fetch = fetch
         self._stats = stats
-        self._pool = ThreadPoolExecutor(max_workers=concurrency) if concurrency > 1 else None
+        self._concurrency = concurrency
+        self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[tuple[int, Future[tuple[Page, float]]]] = deque()
         self._next_offset = 0
         self.taking = 0
@@ -90,19 +93,19 @@ class Prefetcher:
         Without a pool (concurrency 1) nothing is fetched ahead: each fetch runs here.
         """
         if not self._pending:
-            self._fetch_next(step)
+            self._fetch_next(step, ahead=False)
         offset, future = self._pending.popleft()
         self.taking = offset
-        while self._pool is not None and len(self._pending) < window:
-            self._fetch_next(step)
+        while self._concurrency > 1 and len(self._pending) < window:
+            self._fetch_next(step, ahead=True)
         page, seconds = future.result()
         self._timed += 1
         if self._timed > 1:
             self.fetch_s = _average(self.fetch_s, seconds)
         return offset, page
 
-    def _fetch_next(self, step: int) -> None:
-        self._pending.append((self._next_offset, self._submit(self._next_offset)))
+    def _fetch_next(self, step: int, *, ahead: bool) -> None:
+        self._pending.append((self._next_offset, self._submit(self._next_offset, ahead=ahead)))
         self._next_offset += step
 
     def _timed_fetch(self, offset: int) -> tuple[Page, float]:
@@ -110,8 +113,10 @@ class Prefetcher:
         page = self._fetch(offset)
         return page, perf_counter() - started
 
-    def _submit(self, offset: int) -> Future[tuple[Page, float]]:
-        if self._pool is not None:
+    def _submit(self, offset: int, *, ahead: bool) -> Future[tuple[Page, float]]:
+        if ahead:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._concurrency)
             return self._pool.submit(self._timed_fetch, offset)
         future: Future[tuple[Page, float]] = Future()
         try:

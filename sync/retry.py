@@ -46,17 +46,25 @@ class RetryPolicy:
     on_retry: Callable[[TransientUpstreamError, float], None] | None = None
     sleep: Callable[[float], None] = time.sleep
 
-    def call(self, operation: Callable[[], T], *, abandoned: threading.Event | None = None) -> T:
+    def call(
+        self,
+        operation: Callable[[], T],
+        *,
+        abandoned: threading.Event | None = None,
+        retried: list[str] | None = None,
+    ) -> T:
         """Run `operation`, retrying transient failures; when they run out, UpstreamUnavailable.
 
         Once `abandoned` is set (nobody waits for the answer any more: a walk ended before
-        this prefetch came back) no further attempt is made and backoff ends at once.
+        this prefetch came back) no further attempt is made and backoff ends at once. Each
+        retry's reason is appended to `retried`, if given: the caller's own tally (a pass's,
+        while other passes run beside it).
         """
         started = time.monotonic()
         try:
             return operation()  # nearly every request: no retry machinery to set up
         except TransientUpstreamError as first:
-            return self._retry(operation, first, started, abandoned)
+            return self._retry(operation, first, started, abandoned, retried)
 
     def _retry(
         self,
@@ -64,6 +72,7 @@ class RetryPolicy:
         first: TransientUpstreamError,
         started: float,
         abandoned: threading.Event | None,
+        retried: list[str] | None,
     ) -> T:
         """Go on after a first failure, which counts as attempt 1 of the budget."""
         failures = [first]
@@ -95,7 +104,11 @@ class RetryPolicy:
 
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
-            if self.on_retry is not None and isinstance(error, TransientUpstreamError):
+            if not isinstance(error, TransientUpstreamError):
+                return
+            if retried is not None:
+                retried.append(error.reason)
+            if self.on_retry is not None:
                 delay = state.next_action.sleep if state.next_action else 0.0
                 self.on_retry(error, delay)
 

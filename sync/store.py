@@ -11,11 +11,23 @@ import json
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from time import monotonic
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, case, delete, func, inspect, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    Text,
+    bindparam,
+    case,
+    delete,
+    func,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.sql.expression import ColumnElement, Executable
 
 from sync.backends import Backend, open_backend
@@ -25,6 +37,7 @@ from sync.models import (
     CheckpointRecord,
     Contact,
     QuarantineEntry,
+    ScheduleEntry,
     SyncState,
     table_of,
 )
@@ -43,6 +56,7 @@ _CONTACTS = table_of(Contact)
 _STATE = table_of(SyncState)
 _QUARANTINE = table_of(QuarantineEntry)
 _CHECKPOINTS = table_of(CheckpointRecord)
+_SCHEDULE = table_of(ScheduleEntry)
 
 _ID_BATCH = 500
 """Ids per statement in mark_deleted/undelete: far below either database's parameter limit."""
@@ -198,11 +212,41 @@ class MirrorStore:
         self._backend = backend
         self._lock_checks: dict[str, Callable[[Connection], None]] = {}
         """Per company whose lock this store holds: raises if it was lost (see `_still_locked`)."""
+        # Every pass runs these, a quiet one little else: built once, they are only executed.
+        company = bindparam("company_id", type_=Text())
+        self._select_state = select(_STATE).where(_STATE.c.company_id == company)
+        self._select_checkpoint = select(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company)
+        self._drop_checkpoint = delete(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company)
+        self._advance = _advance_statement(backend)
+        self._due = (
+            select(_SCHEDULE.c.company_id, _SCHEDULE.c.job, _SCHEDULE.c.due_at)
+            .where(
+                _SCHEDULE.c.due_at <= bindparam("now", type_=_SCHEDULE.c.due_at.type),
+                backend.one_of(_SCHEDULE.c.job, "jobs"),
+                backend.one_of(_SCHEDULE.c.company_id, "companies"),
+            )
+            .order_by(_SCHEDULE.c.due_at)
+            .limit(bindparam("limit"))
+            .with_for_update(skip_locked=True)
+        )
+        self._move_due = (
+            update(_SCHEDULE)
+            .where(
+                _SCHEDULE.c.company_id == bindparam("company"),
+                _SCHEDULE.c.job == bindparam("kind"),
+            )
+            .values(
+                due_at=bindparam("due", type_=_SCHEDULE.c.due_at.type),
+                claimed_by=bindparam("owner"),
+                claimed_at=bindparam("at", type_=_SCHEDULE.c.claimed_at.type),
+            )
+        )
 
     @classmethod
-    def open(cls, url: str) -> MirrorStore:
-        """Connect, create or upgrade the schema through Alembic, and return a ready store."""
-        store = cls(open_backend(url))
+    def open(cls, url: str, *, connections: int = 5) -> MirrorStore:
+        """Connect, create or upgrade the schema through Alembic, and return a ready store
+        (`connections`: how many the pool keeps)."""
+        store = cls(open_backend(url, connections=connections))
         try:
             store._migrate()
         except BaseException:
@@ -335,7 +379,15 @@ class MirrorStore:
 
     def read_state(self, company_id: str) -> CompanyState:
         with self._backend.read() as conn:
-            row = conn.execute(select(_STATE).where(_STATE.c.company_id == company_id)).first()
+            return self._state(conn, company_id)
+
+    def pass_state(self, company_id: str) -> tuple[CompanyState, Checkpoint | None]:
+        """What a pass starts from, its state and its checkpoint, in one transaction."""
+        with self._backend.read() as conn:
+            return self._state(conn, company_id), self._checkpoint(conn, company_id)
+
+    def _state(self, conn: Connection, company_id: str) -> CompanyState:
+        row = conn.execute(self._select_state, {"company_id": company_id}).first()
         if row is None:
             return CompanyState(company_id, None, None, None, None)
         return CompanyState(
@@ -354,34 +406,16 @@ class MirrorStore:
         Returns the cursor now stored, the later of the stored one and `cursor`; None for
         `cursor` (a pass that saw no rows) records the success and keeps the stored cursor.
         """
-        insert = self._backend.insert(_STATE)
-        new = insert.excluded.cursor
-        statement = (
-            insert.values(
-                company_id=company_id,
-                cursor=None if cursor is None else _utc(cursor),
-                last_success_at=_utc(at),
-                last_pass=summary,
-            )
-            .on_conflict_do_update(
-                index_elements=["company_id"],
-                set_={
-                    "cursor": case(
-                        (or_(_STATE.c.cursor.is_(None), _STATE.c.cursor < new), new),
-                        else_=_STATE.c.cursor,
-                    ),
-                    "last_success_at": insert.excluded.last_success_at,
-                    "last_error": None,
-                    "last_error_at": None,
-                    "last_pass": insert.excluded.last_pass,
-                },
-            )
-            .returning(_STATE.c.cursor)
-        )
+        parameters = {
+            "company_id": company_id,
+            "cursor": None if cursor is None else _utc(cursor),
+            "last_success_at": _utc(at),
+            "last_pass": summary,
+        }
         with self._backend.write() as conn:
             self._backend.durable(conn)
-            stored: datetime | None = conn.execute(statement).scalar_one()
-            conn.execute(delete(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company_id))
+            stored: datetime | None = conn.execute(self._advance, parameters).scalar_one()
+            conn.execute(self._drop_checkpoint, parameters)
             self._still_locked(conn, company_id)
         return stored
 
@@ -402,9 +436,10 @@ class MirrorStore:
 
     def load_checkpoint(self, company_id: str) -> Checkpoint | None:
         with self._backend.read() as conn:
-            row = conn.execute(
-                select(_CHECKPOINTS).where(_CHECKPOINTS.c.company_id == company_id)
-            ).first()
+            return self._checkpoint(conn, company_id)
+
+    def _checkpoint(self, conn: Connection, company_id: str) -> Checkpoint | None:
+        row = conn.execute(self._select_checkpoint, {"company_id": company_id}).first()
         if row is None:
             return None
         return Checkpoint(
@@ -545,6 +580,77 @@ class MirrorStore:
             ),
         )
 
+    def add_to_schedule(self, first_due: dict[str, datetime], companies: Sequence[str]) -> None:
+        """Make each company's jobs known to the schedule: a job new to it is first due at
+        `first_due[job]`; one already there (another replica's, or from before a restart) keeps
+        its due time."""
+        entries = [
+            {"company_id": company, "job": job, "due_at": _utc(at)}
+            for job, at in first_due.items()
+            for company in companies
+        ]
+        if not entries:
+            return
+        statement = self._backend.insert(_SCHEDULE).on_conflict_do_nothing(
+            index_elements=["company_id", "job"]
+        )
+        with self._backend.write() as conn:
+            conn.execute(statement, entries)
+
+    def claim_due(
+        self,
+        every_s: dict[str, float],
+        companies: Sequence[str],
+        *,
+        limit: int,
+        owner: str,
+        now: datetime,
+        busy: Collection[str] = (),
+    ) -> list[tuple[str, str]]:
+        """Claim up to `limit` due (company, job) entries of `companies`, the longest-due first,
+        and move each one's due time an interval on from when it was due (from now, when it is
+        more than an interval late), so no other replica claims it meanwhile.
+
+        `every_s` gives the jobs to claim and their intervals; `busy` companies (running here)
+        are left for later. Entries another replica is claiming at the same moment are skipped,
+        not waited for (SKIP LOCKED on PostgreSQL; SQLite serialises writers anyway).
+        """
+        if limit <= 0 or not companies:
+            return []
+        now = _utc(now)
+        # The statement's text never changes, so it is compiled and parsed once: the companies
+        # travel as one parameter, and busy ones are skipped here, not in SQL.
+        parameters = {
+            "companies": self._backend.text_list(companies),
+            "jobs": self._backend.text_list(list(every_s)),
+            "now": now,
+            "limit": limit + len(busy),
+        }
+        with self._backend.write() as conn:
+            claimed: list[tuple[str, str]] = []
+            moves = []
+            for row in conn.execute(self._due, parameters):
+                # A company's sync and reconcile never run at once: the later one waits its turn.
+                if row.company_id in busy or any(c == row.company_id for c, _ in claimed):
+                    continue
+                every = timedelta(seconds=every_s[row.job])
+                due = row.due_at + every
+                moves.append(
+                    {
+                        "company": row.company_id,
+                        "kind": row.job,
+                        "due": due if due > now else now + every,
+                        "owner": owner,
+                        "at": now,
+                    }
+                )
+                claimed.append((row.company_id, row.job))
+                if len(claimed) == limit:
+                    break
+            if moves:
+                conn.execute(self._move_due, moves)
+        return claimed
+
     def close(self) -> None:
         self._backend.engine.dispose()
 
@@ -617,12 +723,40 @@ class MirrorStore:
                 ) from exc
 
 
+def _advance_statement(backend: Backend) -> Executable:
+    """Record a completed pass; the stored cursor becomes the later of it and the new one."""
+    insert = backend.insert(_STATE)
+    new = insert.excluded.cursor
+    return (
+        insert.values(
+            company_id=bindparam("company_id", type_=Text()),
+            cursor=bindparam("cursor", type_=_STATE.c.cursor.type),
+            last_success_at=bindparam("last_success_at", type_=_STATE.c.last_success_at.type),
+            last_pass=bindparam("last_pass", type_=_STATE.c.last_pass.type),
+        )
+        .on_conflict_do_update(
+            index_elements=["company_id"],
+            set_={
+                "cursor": case(
+                    (or_(_STATE.c.cursor.is_(None), _STATE.c.cursor < new), new),
+                    else_=_STATE.c.cursor,
+                ),
+                "last_success_at": insert.excluded.last_success_at,
+                "last_error": None,
+                "last_error_at": None,
+                "last_pass": insert.excluded.last_pass,
+            },
+        )
+        .returning(_STATE.c.cursor)
+    )
+
+
 def _stored_revisions(conn: Connection) -> list[str]:
     query = text(f"SELECT version_num FROM {VERSION_TABLE}")  # noqa: S608 - a constant name
     return list(conn.execute(query).scalars())
 
 
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0006"
 """The newest migration's revision; a test keeps it equal to Alembic's head."""
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -246,3 +249,56 @@ def cursor_of(settings: Settings) -> object:
         return store.read_state("1").cursor
     finally:
         store.close()
+
+
+def daemon_env(**extra: str) -> dict[str, str]:
+    """This environment without contacts-sync settings, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTACTS_SYNC_")}
+    env.update(extra)
+    return env
+
+
+class DaemonProcess:
+    """One `contacts-sync run` process, its JSON log in a file."""
+
+    def __init__(self, config: Path, log_path: Path, **env: str) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sync", "--config", str(config), "run"],
+            env=daemon_env(**env),
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or event.get("event") == name:
+                found.append(event)
+        return found
+
+    def stop(self, timeout: float = 15) -> tuple[int, float]:
+        """SIGTERM; the exit code and how long the exit took."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout)
+        return code, time.monotonic() - started
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self._log.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for daemon in started:
+        daemon.close()

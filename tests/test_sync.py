@@ -44,13 +44,34 @@ class TestFullLoad:
         assert report.cursor_after is not None
 
     def test_cursor_is_newest_row_seen(self, sandbox: SandboxServer, db_url: str) -> None:
-        """After a complete pass the cursor is the newest updated_at the pass read."""
+        """After a complete pass the cursor is the newest updated_at the pass read, when that
+        is within the lookback of the pass's start."""
+        newest = datetime.now(UTC).replace(microsecond=250000) - timedelta(minutes=2)
+        sandbox.data.insert("1", updated_at=newest)
         settings = make_settings(sandbox, db_url)
         run_pass(settings)
-        newest = max(row["updated_at"] for row in upstream_rows(sandbox).values())
-        cursor = cursor_of(settings)
-        assert isinstance(cursor, type(report_time := cursor))
-        assert report_time.isoformat(timespec="milliseconds") == newest  # type: ignore[attr-defined]
+        assert cursor_of(settings) == newest
+
+    def test_a_quiet_list_costs_one_request(self, sandbox: SandboxServer, db_url: str) -> None:
+        """When the newest row is older than the lookback, the cursor is the pass's start minus
+        the lookback: the next pass's window holds no row, and one empty page proves it."""
+        settings = make_settings(sandbox, db_url)
+        began = datetime.now(UTC).replace(microsecond=0)
+        first = run_pass(settings)
+        assert first.cursor_after is not None
+        assert began - timedelta(seconds=301) <= first.cursor_after <= datetime.now(UTC)
+        newest = max(
+            datetime.fromisoformat(r["updated_at"]) for r in upstream_rows(sandbox).values()
+        )
+        assert first.cursor_after > newest + timedelta(hours=1)
+        quiet = run_pass(settings)
+        assert (quiet.requests, quiet.rows_fetched) == (1, 0)
+        sandbox.data.update("1", count=3)
+        before = len(sandbox.requests())
+        run_pass(settings)
+        assert mirror_rows(db_url) == upstream_rows(sandbox)
+        # The three rows, and the page that proves the end: nothing fetched ahead of a short page.
+        assert len(sandbox.requests()) - before == 2
 
 
 class TestCursorBound:
@@ -174,7 +195,8 @@ class TestBackfillSince:
             since = cursor - timedelta(seconds=301)  # type: ignore[operator]
             run_pass(settings, backfill=True, since=since)
             newest = datetime.fromisoformat(upstream_rows(server)[changed]["updated_at"])
-            assert cursor_of(settings) == newest
+            # The server's Date (whole seconds, its frozen clock) bounds the cursor.
+            assert cursor_of(settings) == newest.replace(microsecond=0)
             assert mirror_rows(db_url) == upstream_rows(server)
 
     def test_a_company_without_cursor_gets_one_from_a_backfill_since(

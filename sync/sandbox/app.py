@@ -6,13 +6,14 @@ import asyncio
 import json
 import threading
 from dataclasses import replace
+from email.utils import formatdate
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from sync.sandbox.config import CONTACTS_PATH, SandboxConfig
 from sync.sandbox.data import SandboxData
@@ -62,6 +63,7 @@ class SandboxApi:
         return app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        send = self._dated(send)
         headers = {
             name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
         }
@@ -103,6 +105,18 @@ class SandboxApi:
             await send_reset(send)
         elif fault is not None:
             await self._send_huge(send, fault)
+
+    def _dated(self, send: Send) -> Send:
+        """Every answer's Date header reads the sandbox clock, the one its rows are stamped
+        by: a real server's two agree, and a test that moves the clock moves both."""
+
+        async def dated(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                moment = formatdate(self.data.now().timestamp(), usegmt=True)
+                message = {**message, "headers": [*message["headers"], (b"date", moment.encode())]}
+            await send(message)
+
+        return dated
 
     async def _reply(
         self,

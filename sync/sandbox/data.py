@@ -409,6 +409,10 @@ class SandboxData:
         state.views.clear()
         return self._version
 
+    def now(self) -> datetime:
+        """The sandbox clock, as a server's Date header tells it."""
+        return self._clock()
+
     def _tick(self) -> datetime:
         """The sandbox clock: wall time to the millisecond, strictly later than the last stamp."""
         stamp = max(_to_ms(self._clock()), self._last_stamp + _MS)

@@ -96,6 +96,7 @@ class SandboxServer:
             access_log=False,
             lifespan="off",
             ws="none",
+            date_header=False,  # the app sends its own, from the sandbox clock
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(
