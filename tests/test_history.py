@@ -6,9 +6,11 @@ where a case needs exact timestamps, and through real passes against the sandbox
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from sqlalchemy import Engine, create_engine, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
 from sync.config import Settings
+from sync.engine import SyncEngine
 from sync.errors import DatabaseError
 from sync.models import Contact, ContactVersion, SyncState, table_of
 from sync.rows import CONTACT_FIELDS, TEXT_FIELDS, ContactRow
@@ -34,6 +37,7 @@ T0 = datetime(2025, 3, 4, 10, 0, 0, 123000, tzinfo=UTC)
 _HISTORY = table_of(ContactVersion)
 _MIRROR = table_of(Contact)
 _VALUES = (*CONTACT_FIELDS, "extra")
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def _row(contact_id: int, updated_at: datetime = T0, **fields: Any) -> ContactRow:
@@ -367,3 +371,122 @@ class TestPasses:
 def with_reconcile(settings: Settings) -> None:
     with engine_for(settings) as engine:
         engine.reconcile_company("1", force=True)
+
+
+def history_queries() -> list[str]:
+    """The statements of the SQL blocks in the README's History subsection, verbatim."""
+    section = README.read_text(encoding="utf-8").split("\n### History\n", 1)[1]
+    section = re.split(r"\n##+ ", section, maxsplit=1)[0]
+    blocks = re.findall(r"```sql\n(.*?)```", section, flags=re.DOTALL)
+    return [s.strip() for block in blocks for s in block.split(";") if s.strip()]
+
+
+class _Clock:
+    """One settable 'now' for the sandbox's stamps and the engine's sync and deletion times."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+
+def _moment(day: str) -> datetime:
+    return datetime.fromisoformat(f"2025-{day}").replace(tzinfo=UTC)
+
+
+def _change_email(data: SandboxData, contact_id: int) -> None:
+    """Updates change one random field: update until the email is the one that changed."""
+
+    def email() -> Any:
+        return (data.get("1", contact_id) or {}).get("email")
+
+    before = email()
+    data.update("1", [contact_id])
+    while email() == before:
+        data.update("1", [contact_id])
+
+
+def _emails(server: SandboxServer) -> dict[int, Any]:
+    return {contact_id: row["email"] for contact_id, row in upstream_rows(server).items()}
+
+
+class TestAsOfQueries:
+    def test_the_readme_documents_the_three_queries(self) -> None:
+        """State at a moment, what changed in a period, how often a field changes."""
+        assert len(history_queries()) == 3
+
+    def test_the_readme_queries_answer_from_a_history_built_by_passes(self, db_url: str) -> None:
+        """Passes, a reconcile, a wrong mark undone and upstream changes at known moments in
+        2025; each README query, run verbatim, gives what happened upstream."""
+        clock = _Clock(_moment("01-01T00:00"))
+        data = SandboxData.generate(("1",), 40, seed=3, clock=clock)
+        emails = []
+        with SandboxServer(data) as server:
+            settings = _with_history(make_settings(server, db_url))
+            store = MirrorStore.open(db_url)
+            engine = SyncEngine.from_settings(settings, store, clock=clock)
+            try:
+
+                def sync_at(moment: str) -> None:
+                    clock.at = _moment(moment)
+                    engine.sync_company("1")
+                    emails.append(_emails(server))
+
+                sync_at("01-01T01:00")
+                clock.at = _moment("02-10T12:00")
+                _change_email(data, 1)
+                data.update("1", [2, 3])
+                (added,) = data.insert("1")
+                sync_at("02-10T13:00")
+                data.delete("1", [5])
+                clock.at = _moment("02-20T12:00")
+                engine.reconcile_company("1")
+                store.mark_deleted("1", [6], _moment("02-22T12:00"), hard=False)
+                clock.at = _moment("02-25T12:00")
+                engine.reconcile_company("1")
+                on_march_1 = _emails(server)
+                clock.at = _moment("03-10T12:00")
+                _change_email(data, 1)
+                data.update("1", [4])
+                sync_at("03-10T13:00")
+            finally:
+                engine.close()
+                store.close()
+        db = create_engine(db_url)
+        try:
+            with db.connect() as conn:
+                state, changes, email_changes = (
+                    conn.execute(text(query)).all() for query in history_queries()
+                )
+        finally:
+            db.dispose()
+        assert {row.id: row.email for row in state} == on_march_1
+        assert {row.id: row.version for row in state if row.version > 1} == {1: 2, 2: 2, 3: 2, 6: 2}
+        assert sorted((row.id, row.version, row.kind) for row in changes) == [
+            (1, 2, "changed"),
+            (2, 2, "changed"),
+            (3, 2, "changed"),
+            (5, 1, "deleted"),
+            (6, 1, "deleted"),
+            (6, 2, "restored"),
+            (added, 1, "added"),
+        ]
+        moments = [_as_utc(row.happened_at) for row in changes]
+        assert moments == sorted(moments)
+        assert moments[-3:] == [_moment(d) for d in ("02-20T12:00", "02-22T12:00", "02-25T12:00")]
+        expected: dict[int, int] = {}
+        for before, after in pairwise(emails):
+            for contact_id in before.keys() & after.keys():
+                if before[contact_id] != after[contact_id]:
+                    expected[contact_id] = expected.get(contact_id, 0) + 1
+        assert expected[1] == 2
+        assert {row.id: row.email_changes for row in email_changes} == expected
+        assert email_changes[0].id == 1
+
+
+def _as_utc(value: datetime | str) -> datetime:
+    """SQLite hands timestamps back as their UTC text, PostgreSQL as aware datetimes."""
+    if isinstance(value, str):
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    return value.astimezone(UTC)
