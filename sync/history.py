@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sync.models import Contact, ContactVersion, UTCDateTime, table_of
 from sync.rows import TEXT_FIELDS
 
-__all__ = ["follow_mirror"]
+__all__ = ["follow_mirror", "refresh_statistics"]
 
 _MIRROR = table_of(Contact)
 _HISTORY = table_of(ContactVersion)
@@ -66,6 +66,15 @@ def follow_mirror(
     parameters: dict[str, object] = {"company": company_id, "at": at}
     if ids is not None:
         parameters["ids"] = list(ids)
+    if ids is not None and conn.dialect.name == "postgresql":
+        # A page's rows are found by index probes, about a hundred. Scanning the company's
+        # whole table (to hash it) looks cheaper to the planner below some tens of thousands
+        # of rows, and costs that much for every page of a load: quadratic. For the rest of
+        # this transaction (page writes, which need no scans), the planner probes instead.
+        conn.exec_driver_sql(
+            "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off;"
+            " SET LOCAL enable_mergejoin = off"
+        )
     for statement in _statements(by_ids=ids is not None, gone=gone):
         conn.execute(statement, parameters)
 
@@ -193,3 +202,15 @@ def _open(ids: BindParameter[object] | None, at: BindParameter[datetime]) -> Exe
         "closed_by_deletion",
     ]
     return insert(_HISTORY).from_select(names, rows)
+
+
+def refresh_statistics(conn: Connection) -> None:
+    """Let PostgreSQL's planner know how big the two tables are now.
+
+    The statements above find a page's rows by (company_id, id) probes. A table that grew
+    since its last ANALYZE (a first load) looks nearly empty to the planner, which then
+    scans the whole company for every page instead: quadratic over a load. Autovacuum
+    catches up only about a minute later. SQLite plans these by its indexes alone.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("ANALYZE contacts, contacts_history")
