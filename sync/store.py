@@ -46,10 +46,11 @@ _QUARANTINE = table_of(QuarantineEntry)
 _CHECKPOINTS = table_of(CheckpointRecord)
 
 _ID_BATCH = 500
+"""Ids per statement in mark_deleted/undelete: far below either database's parameter limit."""
+
 _FIRST_STATISTICS = 1000
 """Rows written with history on before the first ANALYZE; each next one waits for twice as
 many (see `sync.history.refresh_statistics`): a load of N rows analyses about log2(N) times."""
-"""Ids per statement in mark_deleted/undelete: far below either database's parameter limit."""
 
 
 @dataclass(frozen=True)
