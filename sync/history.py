@@ -18,6 +18,7 @@ or an older version (which the upsert refuses) changes no mirror row and adds no
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -41,12 +42,13 @@ from sqlalchemy import (
 from sync.models import Contact, ContactVersion, UTCDateTime, table_of
 from sync.rows import TEXT_FIELDS
 
-__all__ = ["follow_mirror", "refresh_statistics"]
+__all__ = ["follow_mirror", "refresh_statistics", "rows_before_statistics"]
 
 _MIRROR = table_of(Contact)
 _HISTORY = table_of(ContactVersion)
 _FIELDS = ("client_id", *TEXT_FIELDS, "created_at", "extra")
 """What a version holds besides its key and `updated_at`."""
+_FIRST_STATISTICS = 1000.0
 
 
 def follow_mirror(
@@ -204,13 +206,23 @@ def _open(ids: BindParameter[object] | None, at: BindParameter[datetime]) -> Exe
     return insert(_HISTORY).from_select(names, rows)
 
 
+def rows_before_statistics(conn: Connection) -> float:
+    """How many more rows may be written with history on before `refresh_statistics` is due:
+    as many as the planner believes contacts_history holds (at least 1,000), so it runs when
+    the table doubled since its last ANALYZE. Never on SQLite."""
+    if conn.dialect.name != "postgresql":
+        return math.inf
+    believed = conn.exec_driver_sql(
+        "SELECT reltuples FROM pg_class WHERE oid = 'contacts_history'::regclass"
+    ).scalar()
+    return max(_FIRST_STATISTICS, float(believed or 0))
+
+
 def refresh_statistics(conn: Connection) -> None:
     """Let PostgreSQL's planner know how big the two tables are now.
 
-    The statements above find a page's rows by (company_id, id) probes. A table that grew
-    since its last ANALYZE (a first load) looks nearly empty to the planner, which then
-    scans the whole company for every page instead: quadratic over a load. Autovacuum
-    catches up only about a minute later. SQLite plans these by its indexes alone.
+    A table that grew since its last ANALYZE (a first load) looks nearly empty to the planner,
+    which may then scan the whole company for every page (see `follow_mirror`); autovacuum
+    catches up only about a minute later.
     """
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("ANALYZE contacts, contacts_history")
+    conn.exec_driver_sql("ANALYZE contacts, contacts_history")

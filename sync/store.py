@@ -20,7 +20,7 @@ from sqlalchemy.sql.expression import ColumnElement, Executable
 
 from sync.backends import Backend, open_backend
 from sync.errors import DatabaseError
-from sync.history import follow_mirror, refresh_statistics
+from sync.history import follow_mirror, refresh_statistics, rows_before_statistics
 from sync.models import (
     VERSION_TABLE,
     CheckpointRecord,
@@ -47,10 +47,6 @@ _CHECKPOINTS = table_of(CheckpointRecord)
 
 _ID_BATCH = 500
 """Ids per statement in mark_deleted/undelete: far below either database's parameter limit."""
-
-_FIRST_STATISTICS = 1000
-"""Rows written with history on before the first ANALYZE; each next one waits for twice as
-many (see `sync.history.refresh_statistics`): a load of N rows analyses about log2(N) times."""
 
 
 @dataclass(frozen=True)
@@ -205,9 +201,8 @@ class MirrorStore:
         """Per company whose lock this store holds: raises if it was lost (see `_still_locked`)."""
         self._history: set[str] = set()
         """Companies whose writes also keep contacts_history (see `keep_history`)."""
-        self._history_rows = 0
-        self._next_statistics = _FIRST_STATISTICS
-        """Rows written with history on by this store, and at how many the next ANALYZE runs."""
+        self._rows_before_statistics: float | None = None
+        """Rows to write with history on before the next ANALYZE; None: ask the database."""
 
     @classmethod
     def open(cls, url: str) -> MirrorStore:
@@ -280,10 +275,12 @@ class MirrorStore:
                 ids = [row.id for row in rows]
                 for start in range(0, len(ids), _ID_BATCH):
                     follow_mirror(conn, company_id, ids[start : start + _ID_BATCH], synced_at)
-                self._history_rows += len(ids)
-                if self._history_rows >= self._next_statistics:
+                if self._rows_before_statistics is None:
+                    self._rows_before_statistics = rows_before_statistics(conn)
+                self._rows_before_statistics -= len(ids)
+                if self._rows_before_statistics <= 0:
                     refresh_statistics(conn)
-                    self._next_statistics = 2 * self._history_rows
+                    self._rows_before_statistics = None
             if quarantined:
                 fixed = quarantined.intersection(row.id for row in rows)
                 fixed.difference_update(item.contact_id for item in rejected)
@@ -379,7 +376,8 @@ class MirrorStore:
         with self._backend.write() as conn:
             if on:
                 follow_mirror(conn, company_id, None, _utc(at), gone=True)
-                refresh_statistics(conn)
+                if self.dialect == "postgresql":
+                    refresh_statistics(conn)
             conn.execute(statement)
             self._still_locked(conn, company_id)
 
