@@ -7,7 +7,7 @@
 Each round, for each database, loads the sandbox's rows into a fresh mirror with history off and
 then on (alternating, so a machine whose speed drifts slows both alike), changes 1% of the rows
 upstream and runs an incremental pass into each mirror. The sandbox and every load run in
-processes of their own, as in `run.py`, whose helpers this reuses. Figures are medians.
+processes of their own, as in `run.py`, whose functions this reuses. Figures are medians.
 """
 
 from __future__ import annotations
