@@ -29,6 +29,7 @@ test: lint unit
 bench: setup
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/fleet.py
+	$(BIN)/python benchmarks/history.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache demo.db contacts.db

@@ -187,6 +187,8 @@ class SyncSettings(_Section):
     lookback_s: float = Field(default=300.0, ge=0)
     initial_since: datetime | None = None
     deletes: Literal["soft", "hard"] = "soft"
+    history: bool = False
+    """Keep every version of every contact in contacts_history (see the README, History)."""
     max_delete_fraction: float = Field(default=0.2, gt=0, le=1)
     """The largest share of a company's live rows one reconcile marks without --force."""
     workers: int = Field(default=8, ge=1, le=256)

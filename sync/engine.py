@@ -194,10 +194,12 @@ class SyncEngine:
         observer: PassObserver | None = None,
         stop: threading.Event | None = None,
         transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], datetime] = utc_now,
     ) -> SyncEngine:
         """Wire a client with the configured retry policy; the token is registered for redaction.
 
         With `stop`, a retry's backoff ends as soon as it is set and the pass is interrupted.
+        `clock` is this side's time: sync and deletion times, and a pass's start.
         """
         token = settings.api.resolve_token()
         redactor().add(token)
@@ -230,6 +232,7 @@ class SyncEngine:
             store,
             retries=retries,
             observer=observer,
+            clock=clock,
             stop=stop,
             unfiltered=unfiltered,
         )
@@ -295,6 +298,9 @@ class SyncEngine:
         """Run work as the company's only writer; a failure is recorded for `status`."""
         with self._store.company_lock(company_id):
             try:
+                self._store.keep_history(
+                    company_id, on=self._settings.sync.history, at=self._clock()
+                )
                 return work()
             except PassInterrupted:
                 raise
@@ -352,7 +358,7 @@ class SyncEngine:
                     break
                 previous = walk.keys
         back_again = deleted_before & seen.present
-        self._store.undelete(company_id, back_again)
+        self._store.undelete(company_id, back_again, self._clock())
         report.restored = len(back_again)
         report.missing = len(missing)
         report.unreadable = len(seen.unreadable)

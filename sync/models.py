@@ -11,7 +11,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Table, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    Table,
+    Text,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -21,6 +32,7 @@ __all__ = [
     "VERSION_TABLE",
     "CheckpointRecord",
     "Contact",
+    "ContactVersion",
     "QuarantineEntry",
     "ScheduleEntry",
     "SyncState",
@@ -157,6 +169,15 @@ class SyncState(SQLModel, table=True):
     last_reconcile: dict[str, Any] | None = Field(
         default=None, sa_column=Column(_json(), nullable=True)
     )
+    history_since: datetime | None = Field(
+        default=None,
+        sa_column=Column(
+            UTCDateTime,
+            nullable=True,
+            comment="When sync.history was switched on for this company and its history seeded "
+            "from the mirror; null while it is off.",
+        ),
+    )
 
 
 class QuarantineEntry(SQLModel, table=True):
@@ -206,6 +227,91 @@ class ScheduleEntry(SQLModel, table=True):
     due_at: datetime = _timestamp(nullable=False)
     claimed_by: str | None = _text()
     claimed_at: datetime | None = _timestamp(nullable=True)
+
+
+def _described(column_type: Any, comment: str, *, nullable: bool = True, **options: Any) -> Any:
+    return Field(
+        default=None, sa_column=Column(column_type, nullable=nullable, comment=comment, **options)
+    )
+
+
+class ContactVersion(SQLModel, table=True):
+    """One version of a contact as the mirror saw it, with `sync.history` on.
+
+    A version is known by its `updated_at`: the next one closes it (`valid_to`), and so does a
+    deletion (`closed_by_deletion`). At most one version per contact is open (a partial unique
+    index), and it always equals the contact's live mirror row.
+    """
+
+    __tablename__ = "contacts_history"
+    __table_args__ = (
+        Index(
+            "ux_contacts_history_open",
+            "company_id",
+            "id",
+            unique=True,
+            sqlite_where=text("valid_to IS NULL"),
+            postgresql_where=text("valid_to IS NULL"),
+        ),
+        {
+            "comment": "Every version of every contact the mirror has seen while sync.history "
+            "is on: the rows valid at a moment T are those with valid_from <= T and "
+            "(valid_to IS NULL or valid_to > T)."
+        },
+    )
+
+    company_id: str = Field(
+        sa_column=Column(Text, primary_key=True, comment="The company the contact was read for.")
+    )
+    id: int = Field(
+        sa_column=Column(
+            BigInteger, primary_key=True, autoincrement=False, comment="Upstream contact id."
+        )
+    )
+    version: int = Field(
+        sa_column=Column(
+            Integer,
+            primary_key=True,
+            autoincrement=False,
+            comment="1 for the first version the mirror saw of this contact, then 2, 3, ...",
+        )
+    )
+    client_id: int | None = _described(BigInteger, "Upstream client_id of this version.")
+    email: str | None = _described(Text, "Upstream email of this version.")
+    name: str | None = _described(Text, "Upstream name of this version.")
+    surname: str | None = _described(Text, "Upstream surname of this version.")
+    role: str | None = _described(Text, "Upstream role of this version.")
+    notes: str | None = _described(Text, "Upstream notes of this version.")
+    linkedin: str | None = _described(Text, "Upstream linkedin of this version.")
+    description: str | None = _described(Text, "Upstream description of this version.")
+    telephone: str | None = _described(Text, "Upstream telephone of this version.")
+    created_at: datetime | None = _described(UTCDateTime, "Upstream created_at, in UTC.")
+    updated_at: datetime = _described(
+        UTCDateTime, "Upstream updated_at of this version, in UTC.", nullable=False
+    )
+    extra: dict[str, Any] | None = _described(
+        _json(), "Fields upstream added beyond the documented ones, as JSON."
+    )
+    valid_from: datetime = _described(
+        UTCDateTime,
+        "When this version began: its updated_at, or when the mirror saw the contact again "
+        "if it came back after a deletion unchanged.",
+        nullable=False,
+    )
+    valid_to: datetime | None = _described(
+        UTCDateTime,
+        "When this version ended: the next version's updated_at, or when the deletion was "
+        "found; null while it is the current one.",
+    )
+    closed_by_deletion: bool = Field(
+        default=False,
+        sa_column=Column(
+            Boolean,
+            nullable=False,
+            comment="True when this version ended because the contact vanished upstream "
+            "(reconcile marked or removed it).",
+        ),
+    )
 
 
 def table_of(model: type[SQLModel]) -> Table:

@@ -32,6 +32,7 @@ from sqlalchemy.sql.expression import ColumnElement, Executable
 
 from sync.backends import Backend, open_backend
 from sync.errors import DatabaseError
+from sync.history import follow_mirror, refresh_statistics, rows_before_statistics
 from sync.models import (
     VERSION_TABLE,
     CheckpointRecord,
@@ -241,6 +242,12 @@ class MirrorStore:
                 claimed_at=bindparam("at", type_=_SCHEDULE.c.claimed_at.type),
             )
         )
+        self._history: set[str] = set()
+        """Companies whose writes also keep contacts_history (see `keep_history`)."""
+        self._history_checked: dict[str, bool] = {}
+        """Per company, the `sync.history` setting the mirror was last found or made to match."""
+        self._rows_before_statistics: float | None = None
+        """Rows to write with history on before the next ANALYZE; None: ask the database."""
 
     @classmethod
     def open(cls, url: str, *, connections: int = 5) -> MirrorStore:
@@ -310,6 +317,16 @@ class MirrorStore:
         written = 0
         if rows:
             written = self._backend.upsert_contacts(conn, company_id, rows, synced_at)
+            if company_id in self._history:
+                ids = [row.id for row in rows]
+                for start in range(0, len(ids), _ID_BATCH):
+                    follow_mirror(conn, company_id, ids[start : start + _ID_BATCH], synced_at)
+                if self._rows_before_statistics is None:
+                    self._rows_before_statistics = rows_before_statistics(conn)
+                self._rows_before_statistics -= len(ids)
+                if self._rows_before_statistics <= 0:
+                    refresh_statistics(conn)
+                    self._rows_before_statistics = None
             if quarantined:
                 fixed = quarantined.intersection(row.id for row in rows)
                 fixed.difference_update(item.contact_id for item in rejected)
@@ -376,6 +393,43 @@ class MirrorStore:
                 for (contact_id, payload), reason in entries.items()
             ],
         )
+
+    def keep_history(self, company_id: str, *, on: bool, at: datetime) -> None:
+        """Whether this store's writes for the company keep contacts_history (`sync.history`).
+
+        Called under the company's lock before a pass or a reconcile. The first time it is on,
+        the history is seeded from the mirror (one open version per live row, a closed one per
+        deleted row), or caught up with it if it was on before; switching off leaves the table
+        alone. Costs one read when nothing changes.
+        """
+        if self._history_checked.get(company_id) == on:
+            return  # this process saw it switched so already: nothing to read on each pass
+        if on:
+            self._history.add(company_id)
+        else:
+            self._history.discard(company_id)
+        with self._backend.read() as conn:
+            since = conn.execute(
+                select(_STATE.c.history_since).where(_STATE.c.company_id == company_id)
+            ).scalar()
+        if on == (since is not None):
+            self._history_checked[company_id] = on
+            return
+        insert = self._backend.insert(_STATE)
+        statement = insert.values(
+            company_id=company_id, history_since=_utc(at) if on else None
+        ).on_conflict_do_update(
+            index_elements=["company_id"],
+            set_={"history_since": insert.excluded.history_since},
+        )
+        with self._backend.write() as conn:
+            if on:
+                follow_mirror(conn, company_id, None, _utc(at), gone=True)
+                if self.dialect == "postgresql":
+                    refresh_statistics(conn)
+            conn.execute(statement)
+            self._still_locked(conn, company_id)
+        self._history_checked[company_id] = on
 
     def read_state(self, company_id: str) -> CompanyState:
         with self._backend.read() as conn:
@@ -560,17 +614,23 @@ class MirrorStore:
     ) -> int:
         """Soft: set deleted_at on live rows; hard: delete the rows. Returns rows affected."""
         mine = _CONTACTS.c.company_id == company_id
+        at = _utc(at)
         if hard:
-            return self._by_ids(company_id, ids, lambda batch: delete(_CONTACTS).where(mine, batch))
-        statement = update(_CONTACTS).values(deleted_at=_utc(at))
+            return self._by_ids(
+                company_id, ids, lambda batch: delete(_CONTACTS).where(mine, batch), at, gone=True
+            )
+        statement = update(_CONTACTS).values(deleted_at=at)
         return self._by_ids(
             company_id,
             ids,
             lambda batch: statement.where(mine, batch, _CONTACTS.c.deleted_at.is_(None)),
+            at,
         )
 
-    def undelete(self, company_id: str, ids: Collection[int]) -> int:
-        """Clear deleted_at on rows that turned out to exist upstream. Returns rows affected."""
+    def undelete(self, company_id: str, ids: Collection[int], at: datetime | None = None) -> int:
+        """Clear deleted_at on rows that turned out to exist upstream, seen again `at` (now by
+        default; with history on, a row back unchanged opens its new version then).
+        Returns rows affected."""
         statement = update(_CONTACTS).values(deleted_at=None)
         return self._by_ids(
             company_id,
@@ -578,6 +638,7 @@ class MirrorStore:
             lambda batch: statement.where(
                 _CONTACTS.c.company_id == company_id, batch, _CONTACTS.c.deleted_at.is_not(None)
             ),
+            datetime.now(UTC) if at is None else _utc(at),
         )
 
     def add_to_schedule(self, first_due: dict[str, datetime], companies: Sequence[str]) -> None:
@@ -659,14 +720,21 @@ class MirrorStore:
         company_id: str,
         ids: Collection[int],
         statement_for: Callable[[ColumnElement[bool]], Executable],
+        at: datetime,
+        *,
+        gone: bool = False,
     ) -> int:
-        """Run a statement over `ids` in batches, all in one transaction."""
+        """Run a statement over `ids` in batches, all in one transaction, the history (if
+        kept) following each batch; `gone`: the statement removes rows."""
         ordered = sorted(ids)
         affected = 0
+        history = company_id in self._history
         with self._backend.write() as conn:
             for start in range(0, len(ordered), _ID_BATCH):
-                batch = _CONTACTS.c.id.in_(ordered[start : start + _ID_BATCH])
-                affected += conn.execute(statement_for(batch)).rowcount
+                batch_ids = ordered[start : start + _ID_BATCH]
+                affected += conn.execute(statement_for(_CONTACTS.c.id.in_(batch_ids))).rowcount
+                if history:
+                    follow_mirror(conn, company_id, batch_ids, at, gone=gone)
             self._still_locked(conn, company_id)
         return affected
 

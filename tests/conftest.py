@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 import structlog
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import Engine, create_engine, make_url, text
 
 from sync.config import Settings
 from sync.engine import PassReport, SyncEngine
@@ -302,3 +302,28 @@ def daemons() -> Iterator[list[DaemonProcess]]:
     yield started
     for daemon in started:
         daemon.close()
+
+
+def install_failing_trigger(raw: Engine, table: str, condition: str) -> None:
+    """A real database error on demand: the trigger aborts the statement that fires it."""
+    with raw.begin() as conn:
+        if raw.dialect.name == "sqlite":
+            conn.execute(
+                text(
+                    f"CREATE TRIGGER forced BEFORE INSERT ON {table} WHEN {condition} "
+                    "BEGIN SELECT RAISE(ABORT, 'forced failure'); END"
+                )
+            )
+            return
+        conn.execute(
+            text(
+                "CREATE FUNCTION forced() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'forced failure'; END $$"
+            )
+        )
+        conn.execute(
+            text(
+                f"CREATE TRIGGER forced BEFORE INSERT ON {table} FOR EACH ROW "
+                f"WHEN ({condition}) EXECUTE FUNCTION forced()"
+            )
+        )

@@ -21,8 +21,10 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def reporting_queries() -> list[str]:
-    """Every statement of the SQL blocks under the README's Reporting heading."""
+    """Every statement of the SQL blocks under the README's Reporting heading, before its
+    subsections (History has its own test, `test_history.py`)."""
     section = README.read_text(encoding="utf-8").split("## Reporting", 1)[1].split("\n## ", 1)[0]
+    section = section.split("\n### ", 1)[0]
     blocks = re.findall(r"```sql\n(.*?)```", section, flags=re.DOTALL)
     statements = [s.strip() for block in blocks for s in block.split(";")]
     return [s for s in statements if any(not ln.startswith("--") for ln in s.splitlines())]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from conftest import end_lock_sessions
+from conftest import end_lock_sessions, install_failing_trigger
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine, inspect, make_url, select, text
@@ -359,7 +359,7 @@ class TestWritePage:
         self, store: MirrorStore, raw: Engine, table: str, condition: str
     ) -> None:
         """If any statement of a page fails, no row, reject or checkpoint of it is kept."""
-        _install_failing_trigger(raw, table, condition)
+        install_failing_trigger(raw, table, condition)
         rows = [_row(i) for i in range(1, 101)]
         rejected = [RejectedRow({"id": 0}, "id is less than 1", None)]
         with pytest.raises(DatabaseError, match="forced failure"):
@@ -367,31 +367,6 @@ class TestWritePage:
         assert _contacts(raw) == {}
         assert store.load_checkpoint("42") is None
         assert store.status(["42"])[0].quarantined == 0
-
-
-def _install_failing_trigger(raw: Engine, table: str, condition: str) -> None:
-    """A real database error on demand: the trigger aborts the statement that fires it."""
-    with raw.begin() as conn:
-        if raw.dialect.name == "sqlite":
-            conn.execute(
-                text(
-                    f"CREATE TRIGGER forced BEFORE INSERT ON {table} WHEN {condition} "
-                    "BEGIN SELECT RAISE(ABORT, 'forced failure'); END"
-                )
-            )
-            return
-        conn.execute(
-            text(
-                "CREATE FUNCTION forced() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN RAISE EXCEPTION 'forced failure'; END $$"
-            )
-        )
-        conn.execute(
-            text(
-                f"CREATE TRIGGER forced BEFORE INSERT ON {table} FOR EACH ROW "
-                f"WHEN ({condition}) EXECUTE FUNCTION forced()"
-            )
-        )
 
 
 class TestCursor:
@@ -527,7 +502,7 @@ class TestPageWriter:
         self, store: MirrorStore, raw: Engine
     ) -> None:
         """A driver error comes out as DatabaseError; earlier commits stay, the group goes."""
-        _install_failing_trigger(raw, "contacts", "NEW.id = 50")
+        install_failing_trigger(raw, "contacts", "NEW.id = 50")
         with pytest.raises(DatabaseError, match="forced failure"):
             _write_group_then(store, None, [_row(50)])
         assert set(_contacts(raw)) == {1}
