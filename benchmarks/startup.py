@@ -9,8 +9,8 @@
 running and nothing changed upstream (the first run fills the mirror and is not counted);
 `sandbox` until it announces its URL. Each runs as the console script beside this Python, in a
 fresh process, one of each command per round, so that the machine's drift spreads over all.
-Without `--before`, "before" is the median recorded in the README, measured before the
-commands imported only what they use. cpu is user + sys, steadier than wall time on a shared
+The README records the figures from before the commands imported only what they use. cpu is
+user + sys, steadier than wall time on a shared
 machine (the sandbox's includes its shutdown).
 """
 
@@ -35,8 +35,6 @@ SCRIPT = str(Path(sys.executable).with_name("contacts-sync"))
 TOKEN = "sandbox-token"  # noqa: S105 - the sandbox's published token
 COMMANDS = ("--help", "status", "once", "sandbox")
 TARGET_S = {"--help": 0.3, "status": 0.3, "once": 0.5, "sandbox": 0.3}
-RECORDED_BEFORE_S = {"--help": 0.95, "status": 1.05, "once": 1.10, "sandbox": 1.00}
-"""Wall medians before, on the 2-core development machine when it was quiet (see README)."""
 
 
 def _env(code: Path | None) -> dict[str, str]:
@@ -146,7 +144,7 @@ def main() -> None:
     for command in COMMANDS:
         now = walls["now", command]
         if given.before is None:
-            before, cpu_before = f"{RECORDED_BEFORE_S[command]:6.2f}", "          "
+            before, cpu_before = "     -", "         -"
         else:
             before = f"{median(walls['before', command]):6.3f}"
             cpu_before = f"{median(cpus['before', command]):10.3f}"
