@@ -469,8 +469,8 @@ def main() -> None:
     except typer.Abort:
         _say_error("Interrupted; run the same command again to resume where it stopped.")
         code = 130
-    except typer.TyperException as exc:  # a usage error (typer raises its own click's, not click's)
-        exc.show()  # type: ignore[attr-defined]  # each is a ClickException of typer's, which has it
+    except typer.TyperException as exc:  # a usage error, from the click that typer bundles
+        exc.show()  # type: ignore[attr-defined]  # all of them are that click's ClickException
         code = 2
     except SyncError as exc:
         _say_error(exc.message)
