@@ -19,12 +19,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import (
     URL,
     ColumnElement,
@@ -49,6 +47,9 @@ from sync.errors import CompanyLocked, DatabaseError
 from sync.log import redactor
 from sync.models import sqlite_timestamp, sqlite_timestamps
 from sync.rows import ContactRow
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = ["Backend", "open_backend"]
 
@@ -94,11 +95,21 @@ def database_secrets(url: str) -> set[str]:
         if parts.password:
             secrets.add(unquote(parts.password))
         secrets.update(parse_qs(parts.query).get("password", ()))
-    with contextlib.suppress(psycopg.ProgrammingError):
-        in_dsn = conninfo_to_dict(url).get("password")
-        if isinstance(in_dsn, str):
-            secrets.add(in_dsn)
+    if not url.startswith("sqlite"):  # psycopg takes a tenth of a second to import: not for SQLite
+        secrets.update(_libpq_passwords(url))
     return {secret for secret in secrets if secret}
+
+
+def _libpq_passwords(dsn: str) -> set[str]:
+    """The password of a libpq `key=value` string (quoted or not); nothing for anything else."""
+    import psycopg  # noqa: PLC0415 - see database_secrets
+    from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
+
+    with contextlib.suppress(psycopg.ProgrammingError):
+        in_dsn = conninfo_to_dict(dsn).get("password")
+        if isinstance(in_dsn, str):
+            return {in_dsn}
+    return set()
 
 
 class Backend(ABC):
@@ -476,6 +487,8 @@ class _PostgresBackend(Backend):
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
     def _error_kind(self, exc: BaseException) -> str | None:
+        import psycopg  # noqa: PLC0415 - imported already: this backend's engine uses it
+
         if isinstance(exc, psycopg.OperationalError) and getattr(exc, "sqlstate", None) is None:
             return "unreachable"
         return {"25006": "readonly", "53100": "full"}.get(getattr(exc, "sqlstate", None) or "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -11,15 +12,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
-from rich import box
-from rich.console import Console, Group, RenderableType
-from rich.table import Table
-from rich.text import Text
 
-from sync.config import Settings, config_warnings, load_settings
-from sync.engine import CompanyOutcome, PassObserver, ReconcileReport, SyncEngine
 from sync.errors import (
     ConfigError,
     DeletionRefused,
@@ -29,12 +23,16 @@ from sync.errors import (
     worst_exit_code,
 )
 from sync.log import configure_logging, get_logger, redactor
-from sync.progress import progress_for
-from sync.rows import parse_timestamp
-from sync.store import CompanyStatus, MirrorStore
 
+# Each command imports what it uses, where it uses it: `--help` and `status` must start in a
+# blink, and SQLAlchemy, httpx, pydantic and rich alone take most of a second to import.
 if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from sync.config import Settings
+    from sync.engine import CompanyOutcome, PassObserver, ReconcileReport, SyncEngine
     from sync.sandbox import FaultKind, SandboxServer
+    from sync.store import CompanyStatus
 
 __all__ = ["app", "main"]
 
@@ -42,11 +40,17 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: rich's panels would double `--help`'s start-up
     help="Keep a local SQL mirror of the CRM's contacts list, incrementally and exactly.",
 )
-log = get_logger("sync.cli")
-stdout = Console()
-stderr = Console(stderr=True)
+
+
+@functools.cache
+def _console(*, stderr: bool = False) -> Console:
+    """rich, for the commands that print tables or progress (not `--help`, not `once`)."""
+    from rich.console import Console  # noqa: PLC0415 - see the imports above
+
+    return Console(stderr=stderr)
 
 
 @app.callback()
@@ -65,10 +69,12 @@ def _global_options(
 
 
 def _settings(ctx: typer.Context) -> Settings:
+    from sync.config import config_warnings, load_settings  # noqa: PLC0415 - pydantic: not for --help
+
     settings = load_settings(ctx.obj)
     configure_logging(settings.log.level, settings.log.format)
     for warning in config_warnings(settings, ctx.obj):
-        log.warning("config.insecure", warning=warning)
+        get_logger("sync.cli").warning("config.insecure", warning=warning)
     return settings
 
 
@@ -78,6 +84,9 @@ def _engine(
     observer: PassObserver | None = None,
     stop: threading.Event | None = None,
 ) -> Iterator[SyncEngine]:
+    from sync.engine import SyncEngine  # noqa: PLC0415 - httpx and the rest: only for passes
+    from sync.store import MirrorStore  # noqa: PLC0415 - SQLAlchemy: not for --help
+
     store = MirrorStore.open(settings.database.url)
     try:
         engine = SyncEngine.from_settings(settings, store, observer=observer, stop=stop)
@@ -142,10 +151,12 @@ def backfill(
     ] = False,
 ) -> int:
     """Load everything, or everything since a time; resumable, never moves a cursor back."""
+    from sync.progress import progress_for  # noqa: PLC0415 - rich's live display: this command's
+
     settings = _settings(ctx)
     since_at = _parse_since(since)
     companies = _companies(settings, company)
-    with progress_for(stderr) as progress, _engine(settings, progress) as engine:
+    with progress_for(_console(stderr=True)) as progress, _engine(settings, progress) as engine:
         outcomes = engine.sync_all(companies, backfill=True, since=since_at, restart=restart)
     return _finish(outcomes)
 
@@ -160,6 +171,8 @@ def reconcile(
     ] = False,
 ) -> int:
     """Scan every id upstream and mark the rows that vanished there (sync.deletes)."""
+    from sync.engine import CompanyOutcome  # noqa: PLC0415 - httpx and the rest: only for passes
+
     settings = _settings(ctx)
     outcomes = []
     with _engine(settings) as engine:
@@ -174,7 +187,7 @@ def reconcile(
                 outcomes.append(CompanyOutcome(company_id, None, DeletionRefused(said)))
                 continue
             outcomes.append(CompanyOutcome(company_id, None, None))
-            stdout.print(said)
+            _console().print(said)
     return _finish(outcomes)
 
 
@@ -204,6 +217,8 @@ def _reconciled(found: ReconcileReport, deletes: str) -> str:
 def _parse_since(since: str | None) -> datetime | None:
     if since is None:
         return None
+    from sync.rows import parse_timestamp  # noqa: PLC0415 - msgspec: only when --since is given
+
     try:
         return parse_timestamp(since)
     except ValueError:
@@ -218,6 +233,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> int:
     """Show each company's cursor, last success, last error and row counts."""
+    from sync.store import MirrorStore  # noqa: PLC0415 - SQLAlchemy: not for --help
+
     settings = _settings(ctx)
     store = MirrorStore.open(settings.database.url)
     try:
@@ -227,7 +244,7 @@ def status(
     if as_json:
         print(json.dumps({"companies": [_status_json(r) for r in rows]}, indent=2))
     else:
-        stdout.print(_status_table(rows))
+        _console().print(_status_table(rows))
     return 0
 
 
@@ -256,6 +273,11 @@ def _short(moment: datetime | None) -> str | None:
 
 def _status_table(rows: Sequence[CompanyStatus]) -> RenderableType:
     """A table that fits 80 columns; each company's last error follows it on a line of its own."""
+    from rich import box  # noqa: PLC0415 - rich: only for the commands that print tables
+    from rich.console import Group  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415
+
     table = Table(
         title="contacts-sync status (UTC)", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False
     )
@@ -390,7 +412,7 @@ def sandbox(
     companies = company or ["1"]
 
     def announce(server: SandboxServer) -> None:
-        stdout.print(
+        _console().print(
             f"Sandbox serving {contacts:,} contacts per company at {server.base_url}"
             f"{CONTACTS_PATH} (token {DEFAULT_TOKEN}, companies {', '.join(companies)}, "
             f"order {order}, ties {tie_order}); Ctrl-C stops it."
@@ -434,7 +456,7 @@ def demo(
     from sync.demo import run_demo  # noqa: PLC0415 - only this command needs it
 
     configure_logging("warning", "console")
-    stdout.print(_status_table(run_demo(stdout, database, contacts)))
+    _console().print(_status_table(run_demo(_console(), database, contacts)))
     return 0
 
 
@@ -442,13 +464,13 @@ def main() -> None:
     """Console-script entry point: runs a command and exits with the contract's code."""
     try:
         code = app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         _say_error("Interrupted; run the same command again to resume where it stopped.")
         code = 130
-    except click.ClickException as exc:
-        exc.show()
+    except typer.TyperException as exc:  # a usage error, from the click that typer bundles
+        exc.show()  # type: ignore[attr-defined]  # all of them are that click's ClickException
         code = 2
     except SyncError as exc:
         _say_error(exc.message)
@@ -457,7 +479,7 @@ def main() -> None:
         _say_error("Interrupted; run the same command again to resume where it stopped.")
         code = 130
     except Exception:
-        log.exception("internal_error")
+        get_logger("sync.cli").exception("internal_error")
         _say_error(
             'contacts-sync hit an internal error; rerun with log.level = "debug" '
             "and report the log above."

@@ -11,11 +11,12 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, quote_plus
 
-import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
+if TYPE_CHECKING:
+    import structlog
+    from structlog.typing import EventDict, Processor, WrappedLogger
 
 __all__ = ["REDACTED", "SecretRedactor", "configure_logging", "get_logger"]
 
@@ -100,6 +101,8 @@ def configure_logging(
     stream: Any = None,
 ) -> None:
     """Set up structlog and the standard library's logging to write one stream, scrubbed."""
+    import structlog  # noqa: PLC0415 - it imports rich and asyncio: not for `--help`, `sandbox`
+
     stream = stream if stream is not None else sys.stderr
     as_json = output_format == "json" or (
         output_format == "auto" and not (hasattr(stream, "isatty") and stream.isatty())
@@ -148,5 +151,7 @@ def configure_logging(
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    import structlog  # noqa: PLC0415 - see configure_logging
+
     logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
     return logger

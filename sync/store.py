@@ -7,11 +7,15 @@ talks to `MirrorStore` alone and never learns the dialect.
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import functools
 import json
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from time import monotonic
 from typing import Any, NamedTuple
 
@@ -51,6 +55,7 @@ __all__ = [
     "MirrorStore",
     "MirrorVersion",
     "PageWriter",
+    "schema_head",
 ]
 
 _CONTACTS = table_of(Contact)
@@ -770,7 +775,7 @@ class MirrorStore:
                     "contacts-sync did not create; "
                     "point database.url at another database or schema."
                 )
-            if VERSION_TABLE in tables and _stored_revisions(conn) == [SCHEMA_HEAD]:
+            if VERSION_TABLE in tables and _stored_revisions(conn) == [schema_head()]:
                 return
             # Alembic is imported only when there is something to upgrade: it is a large share
             # of every command's start-up, and a database is at head nearly every time.
@@ -824,8 +829,41 @@ def _stored_revisions(conn: Connection) -> list[str]:
     return list(conn.execute(query).scalars())
 
 
-SCHEMA_HEAD = "0006"
-"""The newest migration's revision; a test keeps it equal to Alembic's head."""
+_MIGRATIONS = Path(__file__).with_name("migrations") / "versions"
+
+
+@functools.cache
+def schema_head() -> str | None:
+    """The newest migration's revision, the one no other revises, read from the files' source:
+    Alembic would import them, and itself, a large share of start-up. None when there is no
+    single head; Alembic then says what is wrong."""
+    revisions: set[str] = set()
+    revised: set[str] = set()
+    for path in _MIGRATIONS.glob("*.py"):
+        assigned = _literals(path)
+        revision, down = assigned.get("revision"), assigned.get("down_revision")
+        if not isinstance(revision, str):
+            return None  # a file written unlike the others: Alembic must judge it
+        revisions.add(revision)
+        revised.update([down] if isinstance(down, str) else down or ())
+    heads = revisions - revised
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _literals(path: Path) -> dict[str, Any]:
+    """The constants a module assigns at its top level (`revision: str = "0002"`), by name."""
+    found: dict[str, Any] = {}
+    for statement in ast.parse(path.read_bytes()).body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target, value = statement.targets[0], statement.value
+        elif isinstance(statement, ast.AnnAssign) and statement.value is not None:
+            target, value = statement.target, statement.value
+        else:
+            continue
+        if isinstance(target, ast.Name):
+            with contextlib.suppress(ValueError):  # not a literal: no revision is written so
+                found[target.id] = ast.literal_eval(value)
+    return found
 
 
 def _utc(value: datetime) -> datetime:

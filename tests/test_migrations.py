@@ -15,7 +15,7 @@ from conftest import mirror_rows
 
 from sync.errors import DatabaseError
 from sync.models import VERSION_TABLE, metadata
-from sync.store import SCHEMA_HEAD, MirrorStore
+from sync.store import MirrorStore, schema_head
 
 FIRST = "0001"
 
@@ -126,9 +126,9 @@ class TestUpgradeFromFirstRevision:
         assert rows[2]["updated_at"] == "2025-03-01T12:00:00.123+00:00"
 
     def test_the_store_knows_the_head_revision(self, sqlite_url: str) -> None:
-        """The store skips Alembic when the database is at SCHEMA_HEAD, so it must be the head."""
+        """The store skips Alembic when the database is at schema_head(), so it must be the head."""
         head = ScriptDirectory.from_config(_alembic(sqlite_url)).get_current_head()
-        assert head == SCHEMA_HEAD
+        assert head == schema_head()
 
     def test_a_mirror_from_a_newer_version_is_refused(self, sqlite_url: str) -> None:
         """A schema revision this version does not know is a database error, not a crash."""
