@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Table, Text
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Table, Text, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -156,6 +156,15 @@ class SyncState(SQLModel, table=True):
     last_reconcile: dict[str, Any] | None = Field(
         default=None, sa_column=Column(_json(), nullable=True)
     )
+    last_pass_started_at: datetime | None = _timestamp(nullable=True)
+    """When the last completed pass began: the mirror holds every change made before it."""
+    failures_in_row: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
+    """Passes failed since the last completed one, by any process: what alerting pages on."""
+    locked_out_since: datetime | None = _timestamp(nullable=True)
+    """When a pass first found the company locked by another process, since the last
+    completed pass; null when none did."""
 
 
 class QuarantineEntry(SQLModel, table=True):

@@ -45,11 +45,12 @@ def serve(settings: Settings) -> int:
     )
     store = MirrorStore.open(settings.database.url)
     try:
-        metrics = Metrics()
+        metrics = Metrics(settings.api.companies, interval_s=settings.sync.interval)
         engine = SyncEngine.from_settings(
             settings, store, observer=metrics, stop=stop, transport=transport
         )
         metrics.track_retries(lambda: engine.retries)
+        metrics.track_mirror(store.health)
         try:
             if settings.metrics.port > 0:
                 metrics.serve(settings.metrics.port)
