@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from conftest import engine_for, make_settings, run_pass
+from structlog.testing import capture_logs
 
 from sync.engine import BACKFILL
 from sync.errors import CompanyLocked, DatabaseError, UpstreamUnavailable
@@ -187,10 +188,12 @@ class TestMirrorReads:
             broken[0] = True
             time.sleep(1)  # one read a second
             now[0] += 3600
-            later = scrape(metrics)
+            with capture_logs() as logged:
+                later = scrape(metrics)
         finally:
             store.close()
         assert len(reads) == 2
+        assert [event["event"] for event in logged] == ["metrics.mirror_unreadable"]
         assert later["contacts_sync_freshness_seconds", COMPANY] == pytest.approx(
             first + 3600, abs=1
         )
