@@ -44,6 +44,7 @@ class Metrics:
         first step) and are the ones read from the mirror; `interval_s` is `sync.interval`."""
         self._retries: Callable[[], dict[str, int]] = dict
         self._companies = tuple(companies)
+        self._mirror: _MirrorCollector | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.rows_upserted = Counter(
@@ -126,7 +127,11 @@ class Metrics:
         self.pass_duration.labels(company).observe(report.duration_s)
 
     def count(self, company: str, kind: str, outcome: str) -> None:
+        """Count a finished job; the next scrape reads the mirror again, so the company state
+        served is never older than the jobs counted."""
         self.passes.labels(company, kind, outcome).inc()
+        if self._mirror is not None:
+            self._mirror.read_again()
 
     def serve(self, port: int) -> None:
         """Serve /metrics on METRICS_HOST:port in a background thread until `close()`."""
@@ -156,14 +161,16 @@ class Metrics:
     def track_mirror(self, read: ReadHealth, *, clock: Callable[[], float] = time.time) -> None:
         """Where company state is read at scrape time: `MirrorStore.health`, for the companies
         given to the constructor."""
-        self.registry.register(_MirrorCollector(self._companies, read, clock))
+        self._mirror = _MirrorCollector(self._companies, read, clock)
+        self.registry.register(self._mirror)
 
     def _retry_snapshot(self) -> dict[str, int]:
         return self._retries()
 
 
 class _MirrorCollector(Collector):
-    """Company state from the mirror, read at most once a second whatever the scrapes.
+    """Company state from the mirror, read at most once a second whatever the scrapes, and
+    again after each job this process ran.
 
     While the mirror cannot be read, the last reading is served and its ages keep growing, so
     a stale mirror still alerts; nothing is served before a first reading.
@@ -184,6 +191,11 @@ class _MirrorCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         return self._families(self._reading(), self._clock())
+
+    def read_again(self) -> None:
+        """The next scrape reads the mirror, however recent the last reading."""
+        with self._lock:
+            self._read_at = None
 
     def _reading(self) -> list[CompanyHealth]:
         with self._lock:
