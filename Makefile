@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint unit bench clean
+.PHONY: setup tools demo test lint unit bench clean
 
 setup: $(STAMP)
 
@@ -12,6 +12,16 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
+
+# promtool and prometheus (Debian's prometheus package) for the alerting tests: installed when
+# missing and apt-get can (as root); otherwise those tests skip, except in CI where they fail.
+tools:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+	  echo "prometheus (promtool) is not installed and apt-get cannot install it here;" \
+	    "the alerting tests will be skipped." >&2
 
 demo: setup
 	$(BIN)/contacts-sync demo
@@ -21,7 +31,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy sync
 
-unit: setup
+unit: setup tools
 	$(BIN)/pytest -n 2 --dist loadfile
 
 test: lint unit

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
@@ -25,6 +25,7 @@ import httpx
 from sync.api import ContactsClient, Page
 from sync.config import Settings
 from sync.errors import (
+    CompanyLocked,
     DatabaseError,
     PassInterrupted,
     SyncError,
@@ -81,6 +82,9 @@ class PassReport:
     resumed: bool
     cursor_before: datetime | None
     cursor_after: datetime | None = None
+    started_at: datetime | None = None
+    """When the pass began (a resumed pass: when the pass it resumes began); the mirror holds
+    every change made upstream before then once it completes."""
     pages: int = 0
     rows_fetched: int = 0
     upserted: int = 0
@@ -98,7 +102,7 @@ class PassReport:
     def as_event(self) -> dict[str, Any]:
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
         fields["retries"] = dict(self.retries)
-        for name in ("filter_since", "cursor_before", "cursor_after"):
+        for name in ("filter_since", "cursor_before", "cursor_after", "started_at"):
             moment = fields[name]
             fields[name] = moment.isoformat() if moment is not None else None
         return fields
@@ -292,11 +296,21 @@ class SyncEngine:
         `force` marks them even past `sync.max_delete_fraction`; see `_reconcile` for which
         rows count as vanished.
         """
-        return self._under_lock(company_id, lambda: self._reconcile(company_id, force=force))
+        return self._under_lock(
+            company_id, lambda: self._reconcile(company_id, force=force), is_pass=False
+        )
 
-    def _under_lock(self, company_id: str, work: Callable[[], _Result]) -> _Result:
-        """Run work as the company's only writer; a failure is recorded for `status`."""
-        with self._store.company_lock(company_id):
+    def _under_lock(
+        self, company_id: str, work: Callable[[], _Result], *, is_pass: bool = True
+    ) -> _Result:
+        """Run work as the company's only writer; a failure is recorded for `status`, and a
+        lock held elsewhere for alerting (a lock held for long means a stuck process)."""
+        with ExitStack() as held:
+            try:
+                held.enter_context(self._store.company_lock(company_id))
+            except CompanyLocked:
+                self._record_locked_out(company_id)
+                raise
             try:
                 self._store.keep_history(
                     company_id, on=self._settings.sync.history, at=self._clock()
@@ -305,7 +319,7 @@ class SyncEngine:
             except PassInterrupted:
                 raise
             except SyncError as exc:
-                self._record_failure(company_id, exc)
+                self._record_failure(company_id, exc, is_pass=is_pass)
                 raise
 
     def _reconcile(self, company_id: str, *, force: bool) -> ReconcileReport:
@@ -507,17 +521,24 @@ class SyncEngine:
 
         return fetch
 
-    def _record_failure(self, company_id: str, exc: SyncError) -> None:
+    def _record_failure(self, company_id: str, exc: SyncError, *, is_pass: bool) -> None:
         log.error("pass.failed", company_id=company_id, error=exc.message, exit_code=exc.exit_code)
         try:
-            self._store.record_failure(company_id, exc.message, self._clock())
+            self._store.record_failure(company_id, exc.message, self._clock(), failed_pass=is_pass)
         except DatabaseError:
             log.warning("pass.failure_not_recorded", company_id=company_id)
+
+    def _record_locked_out(self, company_id: str) -> None:
+        try:
+            self._store.record_locked_out(company_id, self._clock())
+        except DatabaseError:
+            log.warning("pass.lock_out_not_recorded", company_id=company_id)
 
     def _run_pass(
         self, company_id: str, *, backfill: bool, since: datetime | None, restart: bool
     ) -> PassReport:
         started = time.monotonic()
+        began = self._clock()
         state, checkpoint = self._store.pass_state(company_id)
         mode, filter_since = self._plan(state.cursor, backfill=backfill, since=since)
         if checkpoint is not None and (restart or not _resumable(checkpoint, mode, filter_since)):
@@ -531,6 +552,7 @@ class SyncEngine:
             filter_since=filter_since,
             resumed=checkpoint is not None,
             cursor_before=state.cursor,
+            started_at=began if checkpoint is None else min(began, checkpoint.started_at),
         )
         log.info(
             "pass.started",
@@ -693,7 +715,11 @@ class SyncEngine:
             )
             target = None
         return self._store.advance_cursor(
-            company_id, target, self._clock(), summary=report.as_event()
+            company_id,
+            target,
+            self._clock(),
+            summary=report.as_event(),
+            started_at=report.started_at,
         )
 
 

@@ -178,6 +178,15 @@ class SyncState(SQLModel, table=True):
             "from the mirror; null while it is off.",
         ),
     )
+    last_pass_started_at: datetime | None = _timestamp(nullable=True)
+    """When the last completed pass began: the mirror holds every change made before it."""
+    failures_in_row: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
+    """Passes failed since the last completed one, by any process: what alerting pages on."""
+    locked_out_since: datetime | None = _timestamp(nullable=True)
+    """When a pass first found the company locked by another process, since the last
+    completed pass; null when none did."""
 
 
 class QuarantineEntry(SQLModel, table=True):

@@ -56,11 +56,12 @@ def serve(settings: Settings) -> int:
     # Each running pass holds its lock's connection and a transaction's; one more for claims.
     store = MirrorStore.open(settings.database.url, connections=2 * workers + 1)
     try:
-        metrics = Metrics()
+        metrics = Metrics(settings.api.companies, interval_s=settings.sync.interval)
         engine = SyncEngine.from_settings(
             settings, store, observer=metrics, stop=stop, transport=transport
         )
         metrics.track_retries(lambda: engine.retries)
+        metrics.track_mirror(store.health)
         try:
             if settings.metrics.port > 0:
                 metrics.serve(settings.metrics.port)

@@ -50,6 +50,7 @@ from sync.rows import ContactRow, RejectedRow, RowKey
 
 __all__ = [
     "Checkpoint",
+    "CompanyHealth",
     "CompanyState",
     "CompanyStatus",
     "MirrorStore",
@@ -89,6 +90,19 @@ class CompanyState:
     last_success_at: datetime | None
     last_error: str | None
     last_error_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CompanyHealth:
+    """What monitoring reads of a company, the same whichever replica runs its passes."""
+
+    company_id: str
+    cursor: datetime | None
+    last_success_at: datetime | None
+    last_pass_started_at: datetime | None
+    failures_in_row: int
+    locked_out_since: datetime | None
+    quarantined: int
 
 
 @dataclass(frozen=True)
@@ -459,17 +473,22 @@ class MirrorStore:
         cursor: datetime | None,
         at: datetime,
         summary: dict[str, Any] | None = None,
+        *,
+        started_at: datetime | None = None,
     ) -> datetime | None:
         """Record a completed pass: the cursor never moves backwards, and the checkpoint goes.
 
         Returns the cursor now stored, the later of the stored one and `cursor`; None for
         `cursor` (a pass that saw no rows) records the success and keeps the stored cursor.
+        `started_at` is when the pass began (`at` when not given); the failures in a row and
+        the lock-out are over.
         """
         parameters = {
             "company_id": company_id,
             "cursor": None if cursor is None else _utc(cursor),
             "last_success_at": _utc(at),
             "last_pass": summary,
+            "last_pass_started_at": _utc(started_at or at),
         }
         with self._backend.write() as conn:
             self._backend.durable(conn)
@@ -478,20 +497,66 @@ class MirrorStore:
             self._still_locked(conn, company_id)
         return stored
 
-    def record_failure(self, company_id: str, message: str, at: datetime) -> None:
-        """Remember why the last pass failed; the cursor and any checkpoint stay as they were."""
+    def record_failure(
+        self, company_id: str, message: str, at: datetime, *, failed_pass: bool = True
+    ) -> None:
+        """Remember why the last job failed; the cursor and any checkpoint stay as they were.
+
+        A failed pass (`failed_pass`; not a reconcile) adds one to the failures in a row.
+        """
         insert = self._backend.insert(_STATE)
+        failures = _STATE.c.failures_in_row + 1 if failed_pass else _STATE.c.failures_in_row
         statement = insert.values(
-            company_id=company_id, last_error=message, last_error_at=_utc(at)
+            company_id=company_id,
+            last_error=message,
+            last_error_at=_utc(at),
+            failures_in_row=1 if failed_pass else 0,
         ).on_conflict_do_update(
             index_elements=["company_id"],
             set_={
                 "last_error": insert.excluded.last_error,
                 "last_error_at": insert.excluded.last_error_at,
+                "failures_in_row": failures,
             },
         )
         with self._backend.write() as conn:
             conn.execute(statement)
+
+    def record_locked_out(self, company_id: str, at: datetime) -> None:
+        """Remember when a pass first found the company locked by another process; the next
+        completed pass forgets it."""
+        insert = self._backend.insert(_STATE)
+        statement = insert.values(
+            company_id=company_id, locked_out_since=_utc(at)
+        ).on_conflict_do_update(
+            index_elements=["company_id"],
+            set_={
+                "locked_out_since": func.coalesce(
+                    _STATE.c.locked_out_since, insert.excluded.locked_out_since
+                )
+            },
+        )
+        with self._backend.write() as conn:
+            conn.execute(statement)
+
+    def health(self, companies: Sequence[str]) -> list[CompanyHealth]:
+        """What monitoring needs of each of `companies` that has a state row, in one query."""
+        quarantined = (
+            select(func.count())
+            .where(_QUARANTINE.c.company_id == _STATE.c.company_id)
+            .scalar_subquery()
+        )
+        query = select(
+            _STATE.c.company_id,
+            _STATE.c.cursor,
+            _STATE.c.last_success_at,
+            _STATE.c.last_pass_started_at,
+            _STATE.c.failures_in_row,
+            _STATE.c.locked_out_since,
+            quarantined,
+        ).where(_STATE.c.company_id.in_(list(companies)))
+        with self._backend.read() as conn:
+            return [CompanyHealth(*row) for row in conn.execute(query)]
 
     def load_checkpoint(self, company_id: str) -> Checkpoint | None:
         with self._backend.read() as conn:
@@ -806,6 +871,11 @@ def _advance_statement(backend: Backend) -> Executable:
             cursor=bindparam("cursor", type_=_STATE.c.cursor.type),
             last_success_at=bindparam("last_success_at", type_=_STATE.c.last_success_at.type),
             last_pass=bindparam("last_pass", type_=_STATE.c.last_pass.type),
+            last_pass_started_at=bindparam(
+                "last_pass_started_at", type_=_STATE.c.last_pass_started_at.type
+            ),
+            failures_in_row=0,
+            locked_out_since=None,
         )
         .on_conflict_do_update(
             index_elements=["company_id"],
@@ -818,6 +888,9 @@ def _advance_statement(backend: Backend) -> Executable:
                 "last_error": None,
                 "last_error_at": None,
                 "last_pass": insert.excluded.last_pass,
+                "last_pass_started_at": insert.excluded.last_pass_started_at,
+                "failures_in_row": 0,
+                "locked_out_since": None,
             },
         )
         .returning(_STATE.c.cursor)
