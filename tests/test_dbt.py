@@ -102,16 +102,18 @@ class TestSourcesFile:
                 "public",
             )
         tables = {table["name"]: table for table in source["tables"]}
-        assert list(tables) == ["contacts", "contacts_live"]
-        for name, table in tables.items():
-            assert table["description"]
+        assert list(tables) == [published.name for published in PUBLISHED]
+        assert {"contacts", "contacts_live"} <= set(tables)
+        for published in PUBLISHED:
+            table = tables[published.name]
+            assert table["description"] == published.comment
             listed = {column["name"]: column["data_type"] for column in table["columns"]}
-            assert listed == database_columns(db_url, name)
+            assert listed == database_columns(db_url, published.name)
             assert all(column["description"] for column in table["columns"])
-            tested = {c["name"]: c.get("data_tests") for c in table["columns"] if "data_tests" in c}
-            assert tested == {"company_id": ["not_null"], "id": ["not_null"]}
-            (unique,) = table["data_tests"]
-            assert "company_id" in unique["unique"]["column_name"]
+            key = list(published.table.primary_key.columns)
+            tested = {c["name"]: c["data_tests"] for c in table["columns"] if "data_tests" in c}
+            assert tested == {column.name: ["not_null"] for column in key}
+            assert table["data_tests"] == [{"unique": {"column_name": key_text(key)}}]
         assert tables["contacts"]["loaded_at_field"] == "synced_at"
         assert tables["contacts"]["freshness"] == {
             "warn_after": {"count": 10, "period": "minute"},
@@ -151,7 +153,7 @@ class TestDerivedSettings:
     @pytest.mark.parametrize(
         ("url", "database", "schema"),
         [
-            ("postgresql+psycopg://reporter:pw@db.internal/crm", "crm", "public"),
+            ("postgresql+psycopg://reporter:s3cret-pw@db.internal/crm", "crm", "public"),
             ("postgresql+psycopg://u@h/crm?options=-csearch_path%3Dmirror", "crm", "mirror"),
             (
                 "postgresql+psycopg://u@h/crm?options=-c%20search_path%3D%22%24user%22,sync",
@@ -164,10 +166,12 @@ class TestDerivedSettings:
         self, url: str, database: str, schema: str
     ) -> None:
         """The database is the URL's; the schema the first of a search_path in its options,
-        else public; the password never appears."""
+        else public; neither host, user nor password appears."""
         (source,) = sources(url, 300)["sources"]
         assert (source["database"], source["schema"]) == (database, schema)
-        assert "pw" not in json.dumps(source)
+        assert set(source) == {"name", "description", "database", "schema", "tables"}
+        written = json.dumps(source)
+        assert not [part for part in ("s3cret-pw", "reporter", "db.internal") if part in written]
 
     def test_every_published_column_is_described(self) -> None:
         """A relation joins the file with its model's comments, so none may lack one."""
