@@ -334,6 +334,19 @@ def _reconcile_notes(row: CompanyStatus) -> list[str]:
     return notes
 
 
+@app.command("dbt-sources")
+def dbt_sources(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option(help="The dbt source name.")] = "contacts_sync",
+) -> int:
+    """Print a dbt sources.yml for the mirror: tables, column descriptions, key tests, freshness."""
+    from sync.dbt import sources_yaml  # noqa: PLC0415 - only this command needs it (and PyYAML)
+
+    settings = _settings(ctx)
+    sys.stdout.write(sources_yaml(settings.database.url, settings.sync.interval, name))
+    return 0
+
+
 @app.command()
 def sandbox(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.", min=0, max=65535)] = 8787,

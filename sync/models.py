@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,10 +30,13 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 from sqlmodel import Field, SQLModel
 
 __all__ = [
+    "LIVE_VIEW",
+    "PUBLISHED",
     "VERSION_TABLE",
     "CheckpointRecord",
     "Contact",
     "ContactVersion",
+    "Published",
     "QuarantineEntry",
     "ScheduleEntry",
     "SyncState",
@@ -121,53 +125,110 @@ def _json() -> TypeEngine[Any]:
     return JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
-def _text() -> Any:
-    return Field(default=None, sa_column=Column(Text, nullable=True))
+def _text(comment: str) -> Any:
+    return Field(default=None, sa_column=Column(Text, nullable=True, comment=comment))
 
 
-def _timestamp(*, nullable: bool) -> Any:
+def _timestamp(comment: str, *, nullable: bool) -> Any:
     if nullable:
-        return Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
-    return Field(sa_column=Column(UTCDateTime, nullable=False))
+        return Field(default=None, sa_column=Column(UTCDateTime, nullable=True, comment=comment))
+    return Field(sa_column=Column(UTCDateTime, nullable=False, comment=comment))
+
+
+def _json_column(comment: str, *, nullable: bool = True) -> Any:
+    column = Column(_json(), nullable=nullable, comment=comment)
+    return Field(sa_column=column) if not nullable else Field(default=None, sa_column=column)
 
 
 class Contact(SQLModel, table=True):
     """One upstream contact; `deleted_at` is set by reconcile when it vanished upstream."""
 
     __tablename__ = "contacts"
-    __table_args__ = (Index("ix_contacts_company_id_updated_at", "company_id", "updated_at"),)
+    __table_args__ = (
+        Index("ix_contacts_company_id_updated_at", "company_id", "updated_at"),
+        {
+            "comment": "The CRM's contacts as contacts-sync last read them, one row per company "
+            "and contact id; rows deleted upstream stay, with deleted_at set."
+        },
+    )
 
-    company_id: str = Field(sa_column=Column(Text, primary_key=True))
-    id: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
-    client_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
-    email: str | None = _text()
-    name: str | None = _text()
-    surname: str | None = _text()
-    role: str | None = _text()
-    notes: str | None = _text()
-    linkedin: str | None = _text()
-    description: str | None = _text()
-    telephone: str | None = _text()
-    created_at: datetime | None = _timestamp(nullable=True)
-    updated_at: datetime = _timestamp(nullable=False)
-    synced_at: datetime = _timestamp(nullable=False)
-    deleted_at: datetime | None = _timestamp(nullable=True)
-    extra: dict[str, Any] | None = Field(default=None, sa_column=Column(_json(), nullable=True))
+    company_id: str = Field(
+        sa_column=Column(
+            Text, primary_key=True, comment="The company the row was read for (api.companies)."
+        )
+    )
+    id: int = Field(
+        sa_column=Column(
+            BigInteger,
+            primary_key=True,
+            autoincrement=False,
+            comment="The contact's id upstream, unique within its company.",
+        )
+    )
+    client_id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger, nullable=True, comment="The upstream client the contact belongs to."
+        ),
+    )
+    email: str | None = _text("Email address, as upstream holds it.")
+    name: str | None = _text("First name, as upstream holds it.")
+    surname: str | None = _text("Last name, as upstream holds it.")
+    role: str | None = _text("Role or job title, as upstream holds it.")
+    notes: str | None = _text("Free-text notes, as upstream holds them.")
+    linkedin: str | None = _text("LinkedIn profile address, as upstream holds it.")
+    description: str | None = _text("Free-text description, as upstream holds it.")
+    telephone: str | None = _text("Telephone number, as upstream holds it.")
+    created_at: datetime | None = _timestamp(
+        "When the contact was created upstream, in UTC.", nullable=True
+    )
+    updated_at: datetime = _timestamp(
+        "When the contact last changed upstream, in UTC, milliseconds kept.", nullable=False
+    )
+    synced_at: datetime = _timestamp(
+        "When contacts-sync last wrote the row, in UTC; every pass rewrites its company's "
+        "newest rows, so the latest synced_at is when the mirror last synced.",
+        nullable=False,
+    )
+    deleted_at: datetime | None = _timestamp(
+        "When reconcile found the contact gone upstream, in UTC; null while it is live.",
+        nullable=True,
+    )
+    extra: dict[str, Any] | None = _json_column(
+        "Fields upstream sent that have no column here, as a JSON object."
+    )
 
 
 class SyncState(SQLModel, table=True):
     """Per company: the cursor (advanced only after a whole pass is committed) and last outcome."""
 
     __tablename__ = "sync_state"
+    __table_args__ = {
+        "comment": "Per company: how far the mirror is known complete, and how its last "
+        "pass and reconcile went."
+    }
 
-    company_id: str = Field(sa_column=Column(Text, primary_key=True))
-    cursor: datetime | None = _timestamp(nullable=True)
-    last_success_at: datetime | None = _timestamp(nullable=True)
-    last_error: str | None = _text()
-    last_error_at: datetime | None = _timestamp(nullable=True)
-    last_pass: dict[str, Any] | None = Field(default=None, sa_column=Column(_json(), nullable=True))
-    last_reconcile: dict[str, Any] | None = Field(
-        default=None, sa_column=Column(_json(), nullable=True)
+    company_id: str = Field(
+        sa_column=Column(Text, primary_key=True, comment="The company these facts are about.")
+    )
+    cursor: datetime | None = _timestamp(
+        "The mirror holds every row updated up to this time (UTC); the next pass reads from "
+        "it, minus sync.lookback_s.",
+        nullable=True,
+    )
+    last_success_at: datetime | None = _timestamp(
+        "When the last pass completed, in UTC.", nullable=True
+    )
+    last_error: str | None = _text(
+        "Why the last pass failed and what to do, or null when the last pass completed."
+    )
+    last_error_at: datetime | None = _timestamp("When that pass failed, in UTC.", nullable=True)
+    last_pass: dict[str, Any] | None = _json_column(
+        "The last completed pass's summary (mode, pages, rows, requests, retries, duration, "
+        "off_filter), as JSON."
+    )
+    last_reconcile: dict[str, Any] | None = _json_column(
+        "The last reconcile's summary (scanned, missing, marked, refused, reason), as JSON."
     )
     history_since: datetime | None = Field(
         default=None,
@@ -178,64 +239,131 @@ class SyncState(SQLModel, table=True):
             "from the mirror; null while it is off.",
         ),
     )
-    last_pass_started_at: datetime | None = _timestamp(nullable=True)
-    """When the last completed pass began: the mirror holds every change made before it."""
-    failures_in_row: int = Field(
-        default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    last_pass_started_at: datetime | None = _timestamp(
+        "When the last completed pass began, in UTC: the mirror holds every change upstream "
+        "made before it.",
+        nullable=True,
     )
-    """Passes failed since the last completed one, by any process: what alerting pages on."""
-    locked_out_since: datetime | None = _timestamp(nullable=True)
-    """When a pass first found the company locked by another process, since the last
-    completed pass; null when none did."""
+    failures_in_row: int = Field(
+        default=0,
+        sa_column=Column(
+            Integer,
+            nullable=False,
+            server_default=text("0"),
+            comment="Passes failed since the last completed one, by any process "
+            "(what alerting pages on).",
+        ),
+    )
+    locked_out_since: datetime | None = _timestamp(
+        "When a pass first found the company locked by another process since the last "
+        "completed pass; null when none did.",
+        nullable=True,
+    )
 
 
 class QuarantineEntry(SQLModel, table=True):
     """An upstream item that could not be stored, kept with its reason for `status`."""
 
     __tablename__ = "quarantine"
-    __table_args__ = (Index("ix_quarantine_company_id", "company_id"),)
+    __table_args__ = (
+        Index("ix_quarantine_company_id", "company_id"),
+        {
+            "comment": "Upstream items that could not be stored, with the reason; an entry "
+            "leaves when upstream serves its id valid."
+        },
+    )
 
     id: int | None = Field(
         default=None,
         sa_column=Column(
-            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+            BigInteger().with_variant(Integer(), "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+            comment="Entry number.",
         ),
     )
-    company_id: str = Field(sa_column=Column(Text, nullable=False))
-    contact_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
-    reason: str = Field(sa_column=Column(Text, nullable=False))
-    payload: str = Field(sa_column=Column(Text, nullable=False))
-    seen_at: datetime = _timestamp(nullable=False)
+    company_id: str = Field(
+        sa_column=Column(Text, nullable=False, comment="The company the item was read for.")
+    )
+    contact_id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger, nullable=True, comment="The contact id the item names, when readable."
+        ),
+    )
+    reason: str = Field(
+        sa_column=Column(Text, nullable=False, comment="Why the item could not be stored.")
+    )
+    payload: str = Field(
+        sa_column=Column(Text, nullable=False, comment="The item as upstream sent it, as JSON.")
+    )
+    seen_at: datetime = _timestamp("When the item was last read, in UTC.", nullable=False)
 
 
 class CheckpointRecord(SQLModel, table=True):
     """Where an unfinished pass stands, so a killed backfill resumes instead of restarting."""
 
     __tablename__ = "checkpoints"
+    __table_args__ = {
+        "comment": "Where each company's unfinished pass resumes; removed when the pass completes."
+    }
 
-    company_id: str = Field(sa_column=Column(Text, primary_key=True))
-    mode: str = Field(sa_column=Column(Text, nullable=False))
-    filter_since: datetime | None = _timestamp(nullable=True)
-    next_offset: int = Field(sa_column=Column(Integer, nullable=False))
-    anchors: list[Any] = Field(sa_column=Column(_json(), nullable=False))
-    high_water: datetime | None = _timestamp(nullable=True)
-    started_at: datetime = _timestamp(nullable=False)
-    pages: int = Field(sa_column=Column(Integer, nullable=False))
-    rows: int = Field(sa_column=Column(Integer, nullable=False))
-    updated_at: datetime = _timestamp(nullable=False)
+    company_id: str = Field(
+        sa_column=Column(Text, primary_key=True, comment="The company whose pass this is.")
+    )
+    mode: str = Field(
+        sa_column=Column(Text, nullable=False, comment="The pass's mode: incremental or backfill.")
+    )
+    filter_since: datetime | None = _timestamp(
+        "The updated_at the pass reads after (gt:), in UTC; null for a full load.",
+        nullable=True,
+    )
+    next_offset: int = Field(
+        sa_column=Column(Integer, nullable=False, comment="The offset the pass resumes at.")
+    )
+    anchors: list[Any] = _json_column(
+        "Ids and updated_at of the last rows committed, to realign on resume, as JSON.",
+        nullable=False,
+    )
+    high_water: datetime | None = _timestamp(
+        "The newest updated_at the pass has read, in UTC.", nullable=True
+    )
+    started_at: datetime = _timestamp("When the pass began, in UTC.", nullable=False)
+    pages: int = Field(
+        sa_column=Column(Integer, nullable=False, comment="Pages the pass has committed.")
+    )
+    rows: int = Field(
+        sa_column=Column(Integer, nullable=False, comment="Rows the pass has committed.")
+    )
+    updated_at: datetime = _timestamp("When the checkpoint was written, in UTC.", nullable=False)
+
+
+SCHEDULE_COMMENT = (
+    "contacts-sync's own: when each company's next sync and reconcile are due, shared by the "
+    "daemons (replicas) that run them."
+)
 
 
 class ScheduleEntry(SQLModel, table=True):
     """When a company's next job is due; replicas claim due entries, so each runs once."""
 
     __tablename__ = "sync_schedule"
-    __table_args__ = (Index("ix_sync_schedule_due_at", "due_at"),)
+    __table_args__ = (
+        Index("ix_sync_schedule_due_at", "due_at"),
+        {"comment": SCHEDULE_COMMENT},
+    )
 
-    company_id: str = Field(sa_column=Column(Text, primary_key=True))
-    job: str = Field(sa_column=Column(Text, primary_key=True))
-    due_at: datetime = _timestamp(nullable=False)
-    claimed_by: str | None = _text()
-    claimed_at: datetime | None = _timestamp(nullable=True)
+    company_id: str = Field(
+        sa_column=Column(Text, primary_key=True, comment="The company the job is for.")
+    )
+    job: str = Field(
+        sa_column=Column(Text, primary_key=True, comment="The job: sync or reconcile.")
+    )
+    due_at: datetime = _timestamp(
+        "When the job is next due, in UTC; a claim moves it an interval on.", nullable=False
+    )
+    claimed_by: str | None = _text("The daemon (host:pid) that last claimed the job.")
+    claimed_at: datetime | None = _timestamp("When it last claimed it, in UTC.", nullable=True)
 
 
 def _described(column_type: Any, comment: str, *, nullable: bool = True, **options: Any) -> Any:
@@ -326,3 +454,39 @@ class ContactVersion(SQLModel, table=True):
 def table_of(model: type[SQLModel]) -> Table:
     """The Core table behind a model: the store writes through Core, never the ORM."""
     return metadata.tables[str(model.__tablename__)]
+
+
+LIVE_VIEW = "contacts_live"
+"""The view of the contacts not deleted upstream (`deleted_at IS NULL`), on both databases."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """A table or view that BI tools and `dbt-sources` show, described by its model's comments.
+
+    A view shares its table's columns, so `table` gives the columns, their comments and the
+    primary key, and `comment` says what the relation itself holds.
+    """
+
+    name: str
+    table: Table
+    comment: str
+    fresh_by_passes: bool = False
+    """Whether dbt's freshness applies: the start of the stalest company's last completed pass."""
+
+
+_CONTACTS = table_of(Contact)
+
+_HISTORY = table_of(ContactVersion)
+
+PUBLISHED: tuple[Published, ...] = (
+    Published("contacts", _CONTACTS, str(_CONTACTS.comment), fresh_by_passes=True),
+    Published(
+        LIVE_VIEW,
+        _CONTACTS,
+        "The contacts that are live upstream (contacts where deleted_at is null): "
+        "the rows most reports want.",
+    ),
+    Published("contacts_history", _HISTORY, str(_HISTORY.comment)),
+)
+"""What the mirror publishes for reporting, in order; a new table joins by being listed here."""

@@ -158,9 +158,9 @@ class TestRetriedStatuses:
         settings = make_settings(sandbox, db_url, retry={"max_attempts": 20, "max_elapsed_s": 20})
         sandbox.faults.fail_company("1", status=status)
         restore = threading.Timer(0.8, sandbox.faults.restore_company, args=("1",))
-        restore.start()
         try:
             with engine_for(settings) as engine:
+                restore.start()  # after opening the mirror, which may take longer than 0.8 s
                 report = engine.sync_company("1")
         finally:
             restore.cancel()

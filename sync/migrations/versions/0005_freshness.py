@@ -5,7 +5,7 @@ same company state. A mirror upgraded here gets the start of its last completed 
 pass's own summary (its finish minus its duration), so freshness is right from the first scrape.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -27,11 +27,34 @@ _TIMESTAMP = sa.DateTime(timezone=True)
 
 def upgrade() -> None:
     with op.batch_alter_table("sync_state") as batch:
-        batch.add_column(sa.Column("last_pass_started_at", _TIMESTAMP, nullable=True))
         batch.add_column(
-            sa.Column("failures_in_row", sa.Integer(), nullable=False, server_default="0")
+            sa.Column(
+                "last_pass_started_at",
+                _TIMESTAMP,
+                nullable=True,
+                comment="When the last completed pass began, in UTC: the mirror holds every "
+                "change upstream made before it.",
+            )
         )
-        batch.add_column(sa.Column("locked_out_since", _TIMESTAMP, nullable=True))
+        batch.add_column(
+            sa.Column(
+                "failures_in_row",
+                sa.Integer(),
+                nullable=False,
+                server_default="0",
+                comment="Passes failed since the last completed one, by any process "
+                "(what alerting pages on).",
+            )
+        )
+        batch.add_column(
+            sa.Column(
+                "locked_out_since",
+                _TIMESTAMP,
+                nullable=True,
+                comment="When a pass first found the company locked by another process since "
+                "the last completed pass; null when none did.",
+            )
+        )
     _fill_last_pass_started_at()
 
 

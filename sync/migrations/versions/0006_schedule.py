@@ -22,12 +22,26 @@ _TIMESTAMP = sa.DateTime(timezone=True)
 def upgrade() -> None:
     op.create_table(
         "sync_schedule",
-        sa.Column("company_id", sa.Text(), nullable=False),
-        sa.Column("job", sa.Text(), nullable=False),
-        sa.Column("due_at", _TIMESTAMP, nullable=False),
-        sa.Column("claimed_by", sa.Text(), nullable=True),
-        sa.Column("claimed_at", _TIMESTAMP, nullable=True),
+        sa.Column("company_id", sa.Text(), nullable=False, comment="The company the job is for."),
+        sa.Column("job", sa.Text(), nullable=False, comment="The job: sync or reconcile."),
+        sa.Column(
+            "due_at",
+            _TIMESTAMP,
+            nullable=False,
+            comment="When the job is next due, in UTC; a claim moves it an interval on.",
+        ),
+        sa.Column(
+            "claimed_by",
+            sa.Text(),
+            nullable=True,
+            comment="The daemon (host:pid) that last claimed the job.",
+        ),
+        sa.Column(
+            "claimed_at", _TIMESTAMP, nullable=True, comment="When it last claimed it, in UTC."
+        ),
         sa.PrimaryKeyConstraint("company_id", "job"),
+        comment="contacts-sync's own: when each company's next sync and reconcile are due, "
+        "shared by the daemons (replicas) that run them.",
     )
     op.create_index("ix_sync_schedule_due_at", "sync_schedule", ["due_at"])
 
