@@ -38,11 +38,11 @@ class Counts(Protocol):
 class Prefetcher:
     """Keeps fetches in flight at predicted offsets and hands them back in order.
 
-    A fetch asked for with nothing in flight runs on the caller's thread, which waits for it
-    anyway; only fetches ahead go to a thread pool, made at the first (so a walk of one page,
-    a quiet pass, starts no thread). With concurrency 1 nothing is fetched ahead. `fetch_s` is
-    a moving average of how long one fetch takes, the walk's first one (a cold connection, a
-    cold server) left out.
+    Until a fetch ahead is wanted, fetches run on the caller's thread, which waits for them
+    anyway; the thread pool is made for the first fetch ahead (so a walk of a page or two, a
+    quiet pass, starts no thread), and from then on every fetch goes through it. With
+    concurrency 1 nothing is fetched ahead. `fetch_s` is a moving average of how long one fetch
+    takes, the walk's first one (a cold connection, a cold server) left out.
     """
 
     def __init__(self, fetch: Callable[[int], Page], concurrency: int, stats: Counts) -> None:
@@ -114,7 +114,9 @@ class Prefetcher:
         return page, perf_counter() - started
 
     def _submit(self, offset: int, *, ahead: bool) -> Future[tuple[Page, float]]:
-        if ahead:
+        # Once there is a pool every fetch goes through it: fetches it still runs (discarded
+        # ones included) plus one here would exceed `concurrency`.
+        if ahead or self._pool is not None:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self._concurrency)
             return self._pool.submit(self._timed_fetch, offset)
@@ -158,6 +160,7 @@ class Window:
         self._throttled = throttled
         self._throttles_seen = throttled() if throttled is not None else 0
         self._quiet = 0
+        self._full_pages = 0
         self.store_s: float | None = None
 
     def stored(self, seconds: float) -> None:
@@ -181,7 +184,14 @@ class Window:
                 self._quiet = 0
 
     def grow(self, fetch_s: float | None) -> None:
-        """After a full aligned page: double (slow start), up to what the latency needs."""
+        """After a full aligned page: double (slow start), up to what the latency needs.
+
+        Not after the first: most lists of a fleet fit in a page or two, and a fetch ahead
+        of the second would be a request past the end of each.
+        """
+        self._full_pages += 1
+        if self._full_pages < 2:
+            return
         target = self._ceiling
         if fetch_s is not None and self.store_s is not None:
             target = min(target, max(1, math.ceil(fetch_s / max(self.store_s, 1e-4))))
