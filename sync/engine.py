@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 import httpx
 
 from sync.api import ContactsClient, Page
+from sync.budget import RequestBudget
 from sync.config import Settings
 from sync.errors import (
     DatabaseError,
@@ -192,10 +193,13 @@ class SyncEngine:
         observer: PassObserver | None = None,
         stop: threading.Event | None = None,
         transport: httpx.BaseTransport | None = None,
+        budget: RequestBudget | None = None,
     ) -> SyncEngine:
         """Wire a client with the configured retry policy; the token is registered for redaction.
 
-        With `stop`, a retry's backoff ends as soon as it is set and the pass is interrupted.
+        With `stop`, a retry's backoff or a wait for the request budget ends as soon as it is
+        set and the pass is interrupted. `budget` is the process's, shared with every other
+        engine it runs; without one, this engine makes its own from the settings.
         """
         token = settings.api.resolve_token()
         redactor().add(token)
@@ -217,11 +221,17 @@ class SyncEngine:
             on_retry=count_retry,
             sleep=pause,
         )
-        client = ContactsClient(settings.api, token, policy, transport=transport)
+        if budget is None:
+            budget = RequestBudget.from_settings(settings.api)
+        client = ContactsClient(
+            settings.api, token, policy, transport=transport, budget=budget, stop=stop
+        )
         unfiltered = None
         if settings.api.client_id is not None:
             every_client = settings.api.model_copy(update={"client_id": None})
-            unfiltered = ContactsClient(every_client, token, policy, transport=transport)
+            unfiltered = ContactsClient(
+                every_client, token, policy, transport=transport, budget=budget, stop=stop
+            )
         return cls(
             settings,
             client,

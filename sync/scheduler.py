@@ -16,6 +16,7 @@ from types import FrameType
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from sync.budget import RequestBudget
 from sync.config import Settings
 from sync.engine import SyncEngine
 from sync.errors import CompanyLocked, PassInterrupted, SyncError
@@ -46,10 +47,12 @@ def serve(settings: Settings) -> int:
     store = MirrorStore.open(settings.database.url)
     try:
         metrics = Metrics()
+        budget = RequestBudget.from_settings(settings.api)  # the process's one budget
         engine = SyncEngine.from_settings(
-            settings, store, observer=metrics, stop=stop, transport=transport
+            settings, store, observer=metrics, stop=stop, transport=transport, budget=budget
         )
         metrics.track_retries(lambda: engine.retries)
+        metrics.track_budget(budget)
         try:
             if settings.metrics.port > 0:
                 metrics.serve(settings.metrics.port)
