@@ -162,6 +162,12 @@ class RequestBudget:
         with self._turns:
             return self._waited_s
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for their turn now."""
+        with self._turns:
+            return len(self._queue)
+
     def allowed_rate(self) -> float:
         """Requests per second allowed now: 0 while paused, infinite when nothing limits."""
         with self._turns:

@@ -360,11 +360,12 @@ class TestAgainstTheSandbox:
                 retry={"max_elapsed_s": 60},
             )
             store = MirrorStore.open(settings.database.url)
-            engine = SyncEngine.from_settings(settings, store, stop=stop)
+            budget = RequestBudget.from_settings(settings.api)
+            engine = SyncEngine.from_settings(settings, store, stop=stop, budget=budget)
             try:
                 outcome = _in_threads_after(
                     lambda: engine.sync_company("1"),
-                    lambda: wait_until(lambda: len(server.requests()) == 1, 10, "first request"),
+                    lambda: wait_until(lambda: budget.waiting == 1, 10, "a wait for budget"),
                     stop.set,
                 )
             finally:
