@@ -154,12 +154,11 @@ class ContactsClient:
         def attempt() -> Page:
             # Waited for before the deadline starts: queueing for the budget is not upstream
             # being slow, so it never counts against api.timeout_s.
-            sent_at = 0.0
-            if self._budget is not None:
-                sent_at = self._budget.acquire(
-                    give_up_at=give_up_at, abandoned=abandoned, stop=self._stop
-                )
-            return self._get_page(params, headers, offset, limit, sent_at)
+            if self._budget is None:
+                return self._get_page(params, headers, offset, limit, 0)
+            turn = self._budget.turn(give_up_at=give_up_at, abandoned=abandoned, stop=self._stop)
+            with turn as ticket:
+                return self._get_page(params, headers, offset, limit, ticket)
 
         return self._retry.call(attempt, abandoned=abandoned)
 
@@ -169,7 +168,7 @@ class ContactsClient:
         headers: dict[str, str],
         offset: int,
         limit: int,
-        sent_at: float,
+        ticket: int,
     ) -> Page:
         # httpx's timeouts are per socket read, which a trickling server resets for ever: the
         # deadline bounds the whole answer, headers and body, so a pass always ends.
@@ -180,12 +179,12 @@ class ContactsClient:
                 self._http.stream("GET", url, headers=headers) as resp,
             ):
                 if self._budget is not None:
-                    self._budget.observe(resp.headers)
+                    self._budget.observe(resp.headers, ticket=ticket)
                 if resp.status_code != 200:
                     resp.read()
                     error = _non_200_error(resp)
                     if isinstance(error, RateLimited) and self._budget is not None:
-                        self._budget.rate_limited(error.retry_after, sent_at=sent_at)
+                        self._budget.rate_limited(error.retry_after, ticket=ticket)
                     raise error
                 body = _read_capped(resp)
                 _require_json(resp)

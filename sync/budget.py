@@ -11,12 +11,13 @@ once on a stop or when nobody wants the request any more, which none of them off
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from sync.config import ApiSettings
@@ -137,11 +138,13 @@ class RequestBudget:
         self._lowered: float | None = None
         self._ceiling = math.inf
         self._recover_from = -math.inf
-        self._last_drop = -math.inf
+        self._dropped_after = 0
+        """Requests let through when the rate last halved: the 429s they meet halve it no more."""
         self._spread: float | None = None
         self._spread_until = -math.inf
         self._sent: deque[float] = deque()
         self._requests = 0
+        self._in_flight: set[int] = set()
         self._first_sent = -math.inf
         self._waited_s = 0.0
 
@@ -174,14 +177,31 @@ class RequestBudget:
             now = self._clock()
             return 0.0 if now < self._paused_until else self._rate(now)
 
+    @contextlib.contextmanager
+    def turn(
+        self,
+        *,
+        give_up_at: float | None = None,
+        abandoned: threading.Event | None = None,
+        stop: threading.Event | None = None,
+    ) -> Iterator[int]:
+        """`acquire`, then the request (the block) is in flight until the block ends."""
+        ticket = self.acquire(give_up_at=give_up_at, abandoned=abandoned, stop=stop)
+        try:
+            yield ticket
+        finally:
+            with self._turns:
+                self._in_flight.discard(ticket)
+
     def acquire(
         self,
         *,
         give_up_at: float | None = None,
         abandoned: threading.Event | None = None,
         stop: threading.Event | None = None,
-    ) -> float:
-        """Wait for the request's turn; returns the moment it was let through.
+    ) -> int:
+        """Wait for the request's turn; returns its ticket, the number of requests let through
+        so far, itself included, which `observe` and `rate_limited` take back.
 
         Raises PassInterrupted once `stop` is set and RequestAbandoned once `abandoned` is,
         within _CHECK_S; UpstreamUnavailable, without waiting for it, once its turn cannot
@@ -211,12 +231,13 @@ class RequestBudget:
                 self._queue.remove(turn)
                 self._turns.notify_all()
 
-    def rate_limited(self, retry_after: float | None, *, sent_at: float) -> None:
+    def rate_limited(self, retry_after: float | None, *, ticket: int) -> None:
         """A 429: every request waits until its Retry-After moment, and the rate halves.
 
         The rate halves from the one the process was sending at (`_sending_rate`; at most
         the allowed one), never below MIN_RATE (MIN_RATE_UNLIMITED without a budget), and only
-        once for the requests sent before the last halving (all sent at the old rate). It then
+        once for the requests let through before the last halving (all sent at the old rate,
+        `ticket` says which). It then
         climbs back to the configured rate (unlimited: to the rate that drew the 429, then no
         limit) over RECOVERY_S.
         """
@@ -224,7 +245,7 @@ class RequestBudget:
         with self._turns:
             now = self._clock()
             self._paused_until = max(self._paused_until, now + pause)
-            if sent_at <= self._last_drop:
+            if ticket <= self._dropped_after:
                 return
             unlimited = self._configured == math.inf
             floor = MIN_RATE_UNLIMITED if unlimited else MIN_RATE
@@ -233,29 +254,33 @@ class RequestBudget:
             self._lowered = max(floor, drawn / 2)
             self._ceiling = max(self._lowered, drawn) if unlimited else self._configured
             self._recover_from = self._paused_until
-            self._last_drop = now
+            self._dropped_after = self._requests
             # One request at the end of the pause, then the lowered rate: no burst after it.
             self._tokens, self._refilled_at = 1.0, self._paused_until
             self._turns.notify_all()
             lowered, until = self._lowered, self._paused_until - now
         log.info("budget.rate_limited", pause_s=round(until, 3), rate_per_s=round(lowered, 2))
 
-    def observe(self, headers: Mapping[str, str]) -> None:
-        """Slow down before a 429 comes: with the quota at or below LOW_SHARE of its limit,
-        what is left is spread over the time until it resets; with nothing left, every request
-        waits for the reset."""
+    def observe(self, headers: Mapping[str, str], *, ticket: int) -> None:
+        """Slow down before a 429 comes, from the quota headers of request `ticket`'s answer.
+
+        What is left is the quota remaining less the requests the server may not have
+        counted yet: those let through after this one, and those before it still in flight.
+        At or below LOW_SHARE of the limit, it is spread over the time until the quota resets;
+        with nothing left, every request waits for the reset.
+        """
         hint = read_rate_limit(headers, self._wall_clock())
         if hint is None:
             return
         with self._turns:
             now = self._clock()
-            if hint.remaining < 1:
+            uncounted = self._requests - ticket + sum(1 for t in self._in_flight if t < ticket)
+            left = hint.remaining - uncounted
+            if left < 1:
                 self._paused_until = max(self._paused_until, now + hint.reset_s)
                 self._spread = None
-            elif hint.reset_s > 0 and (
-                hint.limit is None or hint.remaining <= hint.limit * LOW_SHARE
-            ):
-                self._spread = hint.remaining / hint.reset_s
+            elif hint.reset_s > 0 and (hint.limit is None or left <= hint.limit * LOW_SHARE):
+                self._spread = left / hint.reset_s
                 self._spread_until = now + hint.reset_s
             else:
                 self._spread = None
@@ -278,17 +303,18 @@ class RequestBudget:
         span = min(1.0, max(0.1, now - self._first_sent))
         return sum(1 for moment in self._sent if moment >= now - span) / span
 
-    def _let_through(self, now: float, asked: float) -> float:
+    def _let_through(self, now: float, asked: float) -> int:
         self._tokens = self._tokens_at(now, self._rate(now)) - 1
         self._refilled_at = now
         if not self._requests:
             self._first_sent = now
         self._requests += 1
+        self._in_flight.add(self._requests)
         self._waited_s += now - asked
         self._sent.append(now)
         while self._sent and self._sent[0] <= now - 1:
             self._sent.popleft()
-        return now
+        return self._requests
 
     def _next_free(self, now: float) -> float:
         """When the head of the queue may go: no pause on, and a token in the bucket."""

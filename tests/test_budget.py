@@ -43,14 +43,16 @@ class FakeClock:
         return self.now
 
 
-def _send(budget: RequestBudget, clock: FakeClock, count: int, every_s: float) -> float:
+def _send(budget: RequestBudget, clock: FakeClock, count: int, every_s: float) -> int:
     """`count` requests, `every_s` apart (a little more than the budget's interval, so each
-    is let through at once); the clock stays at the last one, whose moment is returned."""
+    is let through at once); the clock stays at the last one, whose ticket is returned."""
     for number in range(count):
         if number:
             clock.now += every_s
-        assert budget.acquire() == clock.now
-    return clock.now
+        with budget.turn():
+            pass
+    assert budget.waited_s == 0
+    return budget.requests
 
 
 class TestConfig:
@@ -154,7 +156,7 @@ class TestArithmetic:
         clock = FakeClock()
         budget = RequestBudget(20, clock=clock)
         sent = _send(budget, clock, 20, 0.051)
-        budget.rate_limited(2, sent_at=sent)
+        budget.rate_limited(2, ticket=sent)
         drop = clock.now
         assert budget.allowed_rate() == 0
         clock.now = drop + 2
@@ -170,13 +172,13 @@ class TestArithmetic:
         clock = FakeClock()
         budget = RequestBudget(40, clock=clock)
         sent = _send(budget, clock, 40, 0.0251)
-        budget.rate_limited(1, sent_at=sent)
-        budget.rate_limited(None, sent_at=sent)
+        budget.rate_limited(1, ticket=sent)
+        budget.rate_limited(None, ticket=sent)
         clock.now += PAUSE_WITHOUT_RETRY_AFTER_S
         assert budget.allowed_rate() == pytest.approx(20)
         later = _send(budget, clock, 1, 0)
         clock.now += 0.5
-        budget.rate_limited(0, sent_at=later)
+        budget.rate_limited(0, ticket=later)
         assert budget.allowed_rate() == MIN_RATE  # one request in the last second: 0.5, floored
 
     def test_without_a_budget_a_429_lowers_to_the_rate_sent_then_lifts_the_limit(self) -> None:
@@ -185,31 +187,38 @@ class TestArithmetic:
         clock = FakeClock()
         budget = RequestBudget(clock=clock)
         sent = _send(budget, clock, 100, 0.0101)
-        budget.rate_limited(0, sent_at=sent)
+        budget.rate_limited(0, ticket=sent)
         assert budget.allowed_rate() == pytest.approx(50, rel=1e-3)
         clock.now += RECOVERY_S / 2
         assert budget.allowed_rate() == pytest.approx(75, rel=1e-3)
         clock.now += RECOVERY_S / 2
         assert budget.allowed_rate() == math.inf
         few = _send(budget, clock, 3, 0.3)
-        budget.rate_limited(0, sent_at=few)
+        budget.rate_limited(0, ticket=few)
         assert budget.allowed_rate() == MIN_RATE_UNLIMITED
 
     def test_quota_headers_spread_what_is_left_and_wait_when_it_is_gone(self) -> None:
-        """Above half the quota nothing changes; at or below it, what is left is spread over
-        the time to the reset; with nothing left, every request waits for the reset."""
+        """Above half the quota nothing changes; at or below it, what is left (less the
+        requests let through after the one answered) is spread over the time to the reset;
+        with nothing left, every request waits for the reset."""
         clock = FakeClock()
         budget = RequestBudget(clock=clock, wall_clock=lambda: NOW)
-        budget.observe(
-            {"ratelimit-limit": "20", "ratelimit-remaining": "11", "ratelimit-reset": "2"}
-        )
+        answered = _send(budget, clock, 5, 0)
+        quota = {"ratelimit-limit": "20", "ratelimit-reset": "2"}
+        budget.observe({**quota, "ratelimit-remaining": "11"}, ticket=answered)
         assert budget.allowed_rate() == math.inf
-        budget.observe(
-            {"ratelimit-limit": "20", "ratelimit-remaining": "8", "ratelimit-reset": "2"}
-        )
+        budget.observe({**quota, "ratelimit-remaining": "8"}, ticket=answered)
         assert budget.allowed_rate() == 4
+        clock.now += 2
+        assert budget.allowed_rate() == math.inf  # spread over the 2 s: the quota is whole
+        with budget.turn() as older, budget.turn() as newer:
+            budget.observe({**quota, "ratelimit-remaining": "8"}, ticket=newer)
+            assert budget.allowed_rate() == 3.5  # one sent before it is still in flight
+            budget.observe({**quota, "ratelimit-remaining": "8"}, ticket=older)
+            assert budget.allowed_rate() == 3.5  # one was sent after it
         budget.observe(
             {"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(NOW) + 3)},
+            ticket=newer,
         )
         assert budget.allowed_rate() == 0
         clock.now += 3
@@ -221,12 +230,12 @@ class TestArithmetic:
         clock = FakeClock()
         budget = RequestBudget(10, clock=clock)
         sent = _send(budget, clock, 1, 0)
-        budget.rate_limited(30, sent_at=sent)
+        budget.rate_limited(30, ticket=sent)
         with pytest.raises(UpstreamUnavailable, match=r"retry\.max_elapsed_s") as caught:
             budget.acquire(give_up_at=clock.now + 10)
         assert caught.value.exit_code == 5
         clock.now += 30
-        assert budget.acquire(give_up_at=clock.now + 10) == clock.now
+        assert budget.acquire(give_up_at=clock.now + 10) == 2
         assert budget.requests == 2
 
     def test_an_abandoned_wait_ends_at_once_and_gives_its_turn_back(self) -> None:
@@ -415,7 +424,7 @@ class TestSandboxRateLimit:
         assert [a.headers["x-ratelimit-remaining"] for a in answers] == ["2", "1", "0", "0"]
         assert {a.headers["ratelimit-limit"] for a in answers} == {"3"}
         assert answers[3].headers["retry-after"] == "1"
-        assert 0 < int(answers[3].headers["x-ratelimit-reset"]) - asked_at <= 2  # a Unix time
+        assert 0 < int(answers[3].headers["x-ratelimit-reset"]) - asked_at <= 3  # a Unix time
         assert "retry-after" not in answers[0].headers
         assert [entry.fault for entry in log[:4]] == [None, None, None, "rate_limit"]
         assert log[-1].status == 200
