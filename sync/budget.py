@@ -246,6 +246,7 @@ class RequestBudget:
             now = self._clock()
             self._paused_until = max(self._paused_until, now + pause)
             if ticket <= self._dropped_after:
+                self._recover_from = max(self._recover_from, self._paused_until)
                 return
             unlimited = self._configured == math.inf
             floor = MIN_RATE_UNLIMITED if unlimited else MIN_RATE

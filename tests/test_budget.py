@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import make_settings, mirror_rows, upstream_rows, wait_until
+from conftest import make_settings, mirror_rows, run_pass, upstream_rows, wait_until
+from test_sandbox import _sandbox_command
 
 from sync.budget import (
     MIN_RATE,
@@ -172,9 +173,11 @@ class TestArithmetic:
         clock = FakeClock()
         budget = RequestBudget(40, clock=clock)
         sent = _send(budget, clock, 40, 0.0251)
-        budget.rate_limited(1, ticket=sent)
-        budget.rate_limited(None, ticket=sent)
-        clock.now += PAUSE_WITHOUT_RETRY_AFTER_S
+        budget.rate_limited(0.5, ticket=sent)
+        budget.rate_limited(None, ticket=sent)  # no Retry-After: PAUSE_WITHOUT_RETRY_AFTER_S
+        clock.now += PAUSE_WITHOUT_RETRY_AFTER_S - 0.01
+        assert budget.allowed_rate() == 0
+        clock.now += 0.01
         assert budget.allowed_rate() == pytest.approx(20)
         later = _send(budget, clock, 1, 0)
         clock.now += 0.5
@@ -223,6 +226,8 @@ class TestArithmetic:
         assert budget.allowed_rate() == 0
         clock.now += 3
         assert budget.allowed_rate() == math.inf  # the quota is whole again
+        budget.observe({"x-ratelimit-remaining": "30", "x-ratelimit-reset": "10"}, ticket=newer)
+        assert budget.allowed_rate() == 3  # no limit sent: what is left is always spread
 
     def test_a_turn_past_the_retry_budget_fails_at_once(self) -> None:
         """A request whose turn would come after its retry budget ends fails at once (exit 5)
@@ -383,6 +388,23 @@ class TestAgainstTheSandbox:
             assert len(server.requests()) == 1
         assert isinstance(outcome, PassInterrupted)
 
+    def test_a_wait_for_budget_is_not_part_of_the_request_timeout(self, tmp_path: Path) -> None:
+        """At 3 requests a second each page waits a third of a second for its turn, longer
+        than api.timeout_s (0.2 s): no request times out."""
+        data = SandboxData.generate(("1",), 250, seed=26)
+        with SandboxServer(data) as server:
+            settings = make_settings(
+                server,
+                f"sqlite:///{tmp_path / 'mirror.db'}",
+                api={"max_requests_per_s": 3, "timeout_s": 0.2},
+            )
+            report = run_pass(settings)
+            seen = server.requests()
+        assert len(seen) == report.requests >= 3
+        assert seen[-1].at - seen[0].at >= (len(seen) - 1) / 3 - 0.01
+        assert report.retries == {}
+        assert mirror_rows(settings.database.url) == upstream_rows(server)
+
 
 def _in_threads_after(
     job: Callable[[], object], ready: Callable[[], None], then: Callable[[], None]
@@ -445,6 +467,18 @@ class TestSandboxRateLimit:
         assert WindowLimit(2, 1.0, "none").admit() == (True, ())
         with pytest.raises(ValueError, match="rate_headers"):
             SandboxConfig(rate_limit=2, rate_headers="some")  # type: ignore[arg-type]
+
+    @pytest.mark.slow
+    def test_the_command_takes_the_rate_limit_flags(self) -> None:
+        """`sandbox --rate-limit 2 --rate-headers x`: the third request of a second is a 429,
+        and the answers carry X-RateLimit-* only."""
+        with _sandbox_command(
+            "--contacts", "10", "--rate-limit", "2", "--rate-headers", "x"
+        ) as http:
+            answers = [http.get("/api/contacts") for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 429]
+        assert [a.headers["x-ratelimit-remaining"] for a in answers] == ["1", "0", "0"]
+        assert "ratelimit-remaining" not in answers[0].headers
 
     def test_the_request_log_counts_the_busiest_second(self) -> None:
         """busiest_window slides over arrival times: the most requests within any second."""
