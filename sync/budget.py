@@ -185,23 +185,24 @@ class RequestBudget:
         abandoned: threading.Event | None = None,
         stop: threading.Event | None = None,
     ) -> Iterator[int]:
-        """`acquire`, then the request (the block) is in flight until the block ends."""
-        ticket = self.acquire(give_up_at=give_up_at, abandoned=abandoned, stop=stop)
+        """Wait for the request's turn (`_acquire`); the block is the request, in flight until
+        it ends. Yields the request's ticket, which `observe` and `rate_limited` take back."""
+        ticket = self._acquire(give_up_at=give_up_at, abandoned=abandoned, stop=stop)
         try:
             yield ticket
         finally:
             with self._turns:
                 self._in_flight.discard(ticket)
 
-    def acquire(
+    def _acquire(
         self,
         *,
         give_up_at: float | None = None,
         abandoned: threading.Event | None = None,
         stop: threading.Event | None = None,
     ) -> int:
-        """Wait for the request's turn; returns its ticket, the number of requests let through
-        so far, itself included, which `observe` and `rate_limited` take back.
+        """Wait for the request's turn; returns its ticket: the number of requests let through
+        so far, itself included.
 
         Raises PassInterrupted once `stop` is set and RequestAbandoned once `abandoned` is,
         within _CHECK_S; UpstreamUnavailable, without waiting for it, once its turn cannot

@@ -236,24 +236,28 @@ class TestArithmetic:
         budget = RequestBudget(10, clock=clock)
         sent = _send(budget, clock, 1, 0)
         budget.rate_limited(30, ticket=sent)
-        with pytest.raises(UpstreamUnavailable, match=r"retry\.max_elapsed_s") as caught:
-            budget.acquire(give_up_at=clock.now + 10)
+        late = budget.turn(give_up_at=clock.now + 10)
+        with pytest.raises(UpstreamUnavailable, match=r"retry\.max_elapsed_s") as caught, late:
+            pass
         assert caught.value.exit_code == 5
         clock.now += 30
-        assert budget.acquire(give_up_at=clock.now + 10) == 2
+        with budget.turn(give_up_at=clock.now + 10) as ticket:
+            assert ticket == 2
         assert budget.requests == 2
 
     def test_an_abandoned_wait_ends_at_once_and_gives_its_turn_back(self) -> None:
         """A request nobody waits for any more stops waiting, and the next one takes its turn."""
         budget = RequestBudget(0.1)
-        budget.acquire()
+        with budget.turn():
+            pass
         abandoned = threading.Event()
         threading.Timer(0.1, abandoned.set).start()
-        with pytest.raises(RequestAbandoned):
-            budget.acquire(abandoned=abandoned)
+        with pytest.raises(RequestAbandoned), budget.turn(abandoned=abandoned):
+            pass
         assert budget.requests == 1
-        with pytest.raises(UpstreamUnavailable, match=r"\b10 s more"):  # not 20 s: given back
-            budget.acquire(give_up_at=time.monotonic() + 1)
+        soon = budget.turn(give_up_at=time.monotonic() + 1)
+        with pytest.raises(UpstreamUnavailable, match=r"\b10 s more"), soon:  # not 20 s
+            pass
 
 
 @contextmanager
