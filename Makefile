@@ -57,6 +57,7 @@ bench: setup
 	$(BIN)/python benchmarks/fleet.py
 	$(BIN)/python benchmarks/history.py
 	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/budget.py
 
 clean:
 	rm -rf $(VENV) $(DBT_VENV) .mypy_cache .pytest_cache .ruff_cache demo.db contacts.db

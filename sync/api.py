@@ -6,6 +6,7 @@ import json
 import math
 import re
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -16,8 +17,15 @@ import httpx
 import orjson
 
 from sync import __version__
+from sync.budget import RequestBudget
 from sync.config import ApiSettings
-from sync.errors import MalformedResponse, RequestRejected, TransportFailure, UpstreamError
+from sync.errors import (
+    MalformedResponse,
+    RateLimited,
+    RequestRejected,
+    TransportFailure,
+    UpstreamError,
+)
 from sync.retry import RetryPolicy
 from sync.rows import ParsedPage, decode_usual_page, parse_items
 from sync.stoppable import StoppableTransport, deadline
@@ -74,9 +82,14 @@ class ContactsClient:
         retry: RetryPolicy,
         *,
         transport: httpx.BaseTransport | None = None,
+        budget: RequestBudget | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
+        """`budget` paces every attempt (none: no pacing); `stop` ends a wait for it at once."""
         self._settings = settings
         self._retry = retry
+        self._budget = budget
+        self._stop = stop
         headers = {
             "Authorization": f"Bearer {token}",
             "Accept": "application/json",
@@ -138,14 +151,26 @@ class ContactsClient:
         if self._settings.client_id is not None:
             params["client_id"] = self._settings.client_id
         headers = {self._settings.company_header: company_id}
-        return self._retry.call(
-            lambda: self._get_page(params, headers, offset, limit),
-            abandoned=abandoned,
-            retried=retried,
-        )
+        give_up_at = time.monotonic() + self._retry.max_elapsed_s
+
+        def attempt() -> Page:
+            # Waited for before the deadline starts: queueing for the budget is not upstream
+            # being slow, so it never counts against api.timeout_s.
+            if self._budget is None:
+                return self._get_page(params, headers, offset, limit, 0)
+            turn = self._budget.turn(give_up_at=give_up_at, abandoned=abandoned, stop=self._stop)
+            with turn as ticket:
+                return self._get_page(params, headers, offset, limit, ticket)
+
+        return self._retry.call(attempt, abandoned=abandoned, retried=retried)
 
     def _get_page(
-        self, params: dict[str, str | int], headers: dict[str, str], offset: int, limit: int
+        self,
+        params: dict[str, str | int],
+        headers: dict[str, str],
+        offset: int,
+        limit: int,
+        ticket: int,
     ) -> Page:
         # httpx's timeouts are per socket read, which a trickling server resets for ever: the
         # deadline bounds the whole answer, headers and body, so a pass always ends.
@@ -155,9 +180,14 @@ class ContactsClient:
                 deadline(self._settings.timeout_s),
                 self._http.stream("GET", url, headers=headers) as resp,
             ):
+                if self._budget is not None:
+                    self._budget.observe(resp.headers, ticket=ticket)
                 if resp.status_code != 200:
                     resp.read()
-                    raise _non_200_error(resp)
+                    error = _non_200_error(resp)
+                    if isinstance(error, RateLimited) and self._budget is not None:
+                        self._budget.rate_limited(error.retry_after, ticket=ticket)
+                    raise error
                 body = _read_capped(resp)
                 _require_json(resp)
                 date = resp.headers.get("date")

@@ -391,6 +391,24 @@ def sandbox(
             "e.g. short, trickle, 429, 503, reset, stall, malformed (repeatable)."
         ),
     ] = None,
+    rate_limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve at most N requests per --rate-window (all companies together); "
+            "past it answer 429 with Retry-After.",
+            min=1,
+        ),
+    ] = None,
+    rate_window: Annotated[
+        float, typer.Option(help="The --rate-limit window, in seconds.", min=0.001)
+    ] = 1.0,
+    rate_headers: Annotated[
+        str,
+        typer.Option(
+            help="With --rate-limit, the quota headers sent: both, ietf (RateLimit-*), "
+            "x (X-RateLimit-*, Reset as a Unix time) or none."
+        ),
+    ] = "both",
 ) -> int:
     """Serve a local simulator of the upstream API until Ctrl-C."""
     from sync.sandbox import (  # noqa: PLC0415 - only this command needs the sandbox
@@ -399,6 +417,7 @@ def sandbox(
         FAULT_KINDS,
         OFFSET_MODES,
         ORDERS,
+        RATE_HEADERS,
         TIE_ORDERS,
         SandboxConfig,
         serve_forever,
@@ -411,6 +430,8 @@ def sandbox(
         raise _not_one_of("--offset-mode", offset_mode, OFFSET_MODES)
     if tie_order not in TIE_ORDERS:
         raise _not_one_of("--tie-order", tie_order, TIE_ORDERS)
+    if rate_headers not in RATE_HEADERS:
+        raise _not_one_of("--rate-headers", rate_headers, RATE_HEADERS)
     if bulk_tie and not 2 <= bulk_tie <= contacts:
         raise ConfigError(f"--bulk-tie {bulk_tie} must be from 2 to --contacts ({contacts}).")
     faults = [_fault(given, FAULT_KINDS) for given in fault or ()]
@@ -421,6 +442,9 @@ def sandbox(
         offset_mode=offset_mode,
         tie_order=tie_order,
         latency_ms=latency_ms,
+        rate_limit=rate_limit,
+        rate_window_s=rate_window,
+        rate_headers=rate_headers,
     )
     companies = company or ["1"]
 

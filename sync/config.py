@@ -108,6 +108,11 @@ class ApiSettings(_Section):
     """At least 2: pages overlap by a row, so one row a page would never move on."""
     concurrency: int = Field(default=4, ge=1, le=32)
     timeout_s: float = Field(default=30.0, gt=0, le=600)
+    max_requests_per_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    """Requests per second upstream for the whole process, every company and retry counted;
+    0 sets no limit of its own (429s and rate-limit headers still slow it down)."""
+    burst: int = Field(default=1, ge=1, le=1000)
+    """How many requests may go at once after a quiet spell, within max_requests_per_s."""
     ca_bundle: Path | None = None
     """PEM file of CA certificates to trust instead of the default ones; never "no checks"."""
 

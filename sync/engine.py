@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 import httpx
 
 from sync.api import ContactsClient, Page
+from sync.budget import RequestBudget
 from sync.config import Settings
 from sync.errors import (
     CompanyLocked,
@@ -199,11 +200,14 @@ class SyncEngine:
         stop: threading.Event | None = None,
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], datetime] = utc_now,
+        budget: RequestBudget | None = None,
     ) -> SyncEngine:
         """Wire a client with the configured retry policy; the token is registered for redaction.
 
-        With `stop`, a retry's backoff ends as soon as it is set and the pass is interrupted.
-        `clock` is this side's time: sync and deletion times, and a pass's start.
+        With `stop`, a retry's backoff or a wait for the request budget ends as soon as it is
+        set and the pass is interrupted. `clock` is this side's time: sync and deletion times,
+        and a pass's start. `budget` is the process's, shared with every other engine it runs;
+        without one, this engine makes its own from the settings.
         """
         token = settings.api.resolve_token()
         redactor().add(token)
@@ -225,11 +229,17 @@ class SyncEngine:
             on_retry=count_retry,
             sleep=pause,
         )
-        client = ContactsClient(settings.api, token, policy, transport=transport)
+        if budget is None:
+            budget = RequestBudget.from_settings(settings.api)
+        client = ContactsClient(
+            settings.api, token, policy, transport=transport, budget=budget, stop=stop
+        )
         unfiltered = None
         if settings.api.client_id is not None:
             every_client = settings.api.model_copy(update={"client_id": None})
-            unfiltered = ContactsClient(every_client, token, policy, transport=transport)
+            unfiltered = ContactsClient(
+                every_client, token, policy, transport=transport, budget=budget, stop=stop
+            )
         return cls(
             settings,
             client,

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from sync.budget import RequestBudget
 from sync.engine import PassReport
 from sync.errors import ConfigError, DatabaseError
 from sync.log import get_logger
@@ -175,6 +176,10 @@ class Metrics:
         self._mirror = _MirrorCollector(self._companies, read, clock)
         self.registry.register(self._mirror)
 
+    def track_budget(self, budget: RequestBudget) -> None:
+        """The process's request budget: requests sent, the rate allowed, time waited."""
+        self.registry.register(_BudgetCollector(budget))
+
     def _retry_snapshot(self) -> dict[str, int]:
         return self._retries()
 
@@ -282,3 +287,28 @@ class _RetryCollector(Collector):
         for reason, count in sorted(self._retries().items()):
             retries.add_metric([reason], count)
         yield retries
+
+
+class _BudgetCollector(Collector):
+    """The request budget's figures, read at scrape time."""
+
+    def __init__(self, budget: RequestBudget) -> None:
+        self._budget = budget
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield CounterMetricFamily(
+            "contacts_sync_requests",
+            "Requests sent upstream by the process: every attempt, retries included.",
+            value=self._budget.requests,
+        )
+        yield GaugeMetricFamily(
+            "contacts_sync_request_budget_per_second",
+            "Requests per second allowed now: api.max_requests_per_s, or lower after a 429 or "
+            "by the server's rate-limit headers; 0 while paused, +Inf when nothing limits.",
+            value=self._budget.allowed_rate(),
+        )
+        yield CounterMetricFamily(
+            "contacts_sync_request_budget_wait_seconds",
+            "Seconds requests spent waiting for the request budget, added up.",
+            value=self._budget.waited_s,
+        )

@@ -21,6 +21,7 @@ from types import FrameType
 from apscheduler.executors.pool import ThreadPoolExecutor as SchedulerExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from sync.budget import RequestBudget
 from sync.config import Settings
 from sync.engine import SyncEngine
 from sync.errors import CompanyLocked, DatabaseError, PassInterrupted, SyncError
@@ -57,11 +58,13 @@ def serve(settings: Settings) -> int:
     store = MirrorStore.open(settings.database.url, connections=2 * workers + 1)
     try:
         metrics = Metrics(settings.api.companies, interval_s=settings.sync.interval)
+        budget = RequestBudget.from_settings(settings.api)  # the process's one budget
         engine = SyncEngine.from_settings(
-            settings, store, observer=metrics, stop=stop, transport=transport
+            settings, store, observer=metrics, stop=stop, transport=transport, budget=budget
         )
         metrics.track_retries(lambda: engine.retries)
         metrics.track_mirror(store.health)
+        metrics.track_budget(budget)
         try:
             if settings.metrics.port > 0:
                 metrics.serve(settings.metrics.port)

@@ -40,6 +40,8 @@ PANEL_METRICS = {
     "Pages": "contacts_sync_pages_fetched_total",
     "Pass duration": "contacts_sync_pass_duration_seconds_bucket",
     "Retries by reason": "contacts_sync_retries_total",
+    "Request budget": "contacts_sync_request_budget_per_second",
+    "Workers busy": "contacts_sync_workers_busy",
 }
 """Panels the dashboard must have, each with a metric its queries must use; a new panel is a
 new line here, and the tests below check its queries like every other's."""

@@ -358,7 +358,9 @@ class TestMetrics:
     def test_metrics_after_a_pass_and_no_token_in_them(
         self, tmp_path: Path, sqlite_url: str, daemons: list[DaemonProcess]
     ) -> None:
-        """After a pass with retries, /metrics has rows, pages, retries, duration, lag; no token."""
+        """After a pass with retries, /metrics has rows, pages, retries, duration, lag, and the
+        request budget's figures (every request upstream saw, the rate the 429 lowered, time
+        waited); no token."""
         data = SandboxData.generate(("1", "2"), 500, seed=4)
         port = free_port()
         with SandboxServer(data, SandboxConfig(tokens=(SECRET,))) as srv:
@@ -368,7 +370,7 @@ class TestMetrics:
                 tmp_path / "sync.toml",
                 srv,
                 sqlite_url,
-                api={"companies": ["1", "2"]},
+                api={"companies": ["1", "2"], "max_requests_per_s": 40, "concurrency": 4},
                 retry={"max_attempts": 6},
                 sync={"interval": "1h"},
                 metrics={"port": port},
@@ -387,9 +389,13 @@ class TestMetrics:
                 "both passes counted",
             )
             body = scrape(port)
+            sent = len(srv.requests())
             code, _ = daemon.stop()
         assert code == 0
         assert SECRET not in body
+        assert sample(body, "contacts_sync_requests_total") == sent
+        assert 0 < (sample(body, "contacts_sync_request_budget_per_second") or 0) < 40
+        assert (sample(body, "contacts_sync_request_budget_wait_seconds_total") or 0) > 0
         for company in ("1", "2"):
             assert (sample(body, "contacts_sync_rows_upserted_total", company=company) or 0) >= 500
             assert (sample(body, "contacts_sync_pages_fetched_total", company=company) or 0) >= 5

@@ -24,6 +24,7 @@ from sync.sandbox.data import (
 from sync.sandbox.faults import FAULT_KINDS, Fault, FaultKind, Faults
 from sync.sandbox.mutator import Mutator
 from sync.sandbox.ordering import TIE_ORDERS, TieOrder
+from sync.sandbox.ratelimit import RATE_HEADERS, RateHeaders, WindowLimit
 from sync.sandbox.requests import RecordedRequest, RequestLog
 from sync.sandbox.server import SandboxServer, serve_forever
 
@@ -36,6 +37,7 @@ __all__ = [
     "MAX_LENGTHS",
     "OFFSET_MODES",
     "ORDERS",
+    "RATE_HEADERS",
     "TIE_ORDERS",
     "Fault",
     "FaultKind",
@@ -43,6 +45,7 @@ __all__ = [
     "Mutator",
     "OffsetMode",
     "Order",
+    "RateHeaders",
     "RecordedRequest",
     "RequestLog",
     "SandboxApi",
@@ -51,6 +54,7 @@ __all__ = [
     "SandboxServer",
     "TieOrder",
     "UpdatedFilter",
+    "WindowLimit",
     "create_app",
     "serve_forever",
 ]

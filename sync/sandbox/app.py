@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from dataclasses import replace
 from email.utils import formatdate
 from urllib.parse import parse_qsl
@@ -20,6 +21,7 @@ from sync.sandbox.data import SandboxData
 from sync.sandbox.faults import Fault, Faults
 from sync.sandbox.mutator import Mutator
 from sync.sandbox.query import INVALID_DATA, bearer_token, parse_query
+from sync.sandbox.ratelimit import WindowLimit
 from sync.sandbox.replies import (
     EXPECTED_RESET,
     SAMPLE_ROW,
@@ -48,6 +50,11 @@ class SandboxApi:
         self.faults = Faults(self.config.latency_ms)
         self.log = RequestLog(self.config.request_log_size)
         self.mutator = Mutator(data)
+        self.limit = None
+        if self.config.rate_limit is not None:
+            self.limit = WindowLimit(
+                self.config.rate_limit, self.config.rate_window_s, self.config.rate_headers
+            )
         self.closing = threading.Event()
         """Set while the server stops, to cut stalls and streams short."""
         self._company_header = self.config.company_header.lower()
@@ -64,23 +71,31 @@ class SandboxApi:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         send = self._dated(send)
+        arrived = time.monotonic()
         headers = {
             name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
         }
         query = scope["query_string"].decode("latin-1")
         params = dict(parse_qsl(query, keep_blank_values=True))
         company = headers.get(self._company_header)
+        admitted, quota = (True, ()) if self.limit is None else self.limit.admit()
         if self.faults.latency_ms > 0:
             await self._pause(self.faults.latency_ms / 1000)
-        failing = self.faults.company_failure(company)
-        fault = None if failing is not None else self.faults.take(company)
-        label = "fail_company" if failing is not None else fault.kind if fault else None
+        failing = self.faults.company_failure(company) if admitted else None
+        fault = None if failing is not None or not admitted else self.faults.take(company)
+        label: str | None = fault.kind if fault else None
+        if failing is not None:
+            label = "fail_company"
         streamed = fault is not None and fault.kind in ("reset", "huge")
         reply = None
-        if not streamed:
+        if not admitted:
+            label, reply = "rate_limit", status_reply(429, None)
+        elif not streamed:
             reply = await self._reply(
                 scope["method"], headers, params, company, failing=failing, fault=fault
             )
+        if reply is not None and quota:
+            reply = replace(reply, headers=reply.headers + quota)
         # Recorded before answering, so a client holding the response always finds its entry.
         self.log.record(
             RecordedRequest(
@@ -95,6 +110,7 @@ class SandboxApi:
                 if reply is not None and label in (None, "stall", "short")
                 else None,
                 fault=label,
+                at=arrived,
             )
         )
         if reply is not None and fault is not None and fault.kind == "trickle":

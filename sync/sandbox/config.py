@@ -8,6 +8,7 @@ from typing import Literal, get_args
 
 from sync.sandbox.data import ORDERS, Order
 from sync.sandbox.ordering import TIE_ORDERS, TieOrder
+from sync.sandbox.ratelimit import RATE_HEADERS, RateHeaders
 
 __all__ = ["CONTACTS_PATH", "DEFAULT_TOKEN", "HOST", "OFFSET_MODES", "OffsetMode", "SandboxConfig"]
 
@@ -52,6 +53,12 @@ class SandboxConfig:
     """How the updated_at orders serve rows sharing one updated_at: `stable` by id;
     `per_page` by a hash of (id, offset + limit), as a top-N sort without a tie-breaker does;
     `per_request` shuffled afresh on every request."""
+    rate_limit: int | None = None
+    """Serve at most this many requests per `rate_window_s` (all companies together); past it,
+    429 with Retry-After until the window ends."""
+    rate_window_s: float = 1.0
+    rate_headers: RateHeaders = "both"
+    """With `rate_limit`, the quota headers every answer carries (see `RateHeaders`)."""
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
@@ -70,5 +77,13 @@ class SandboxConfig:
             raise ValueError("max_offset must be >= 0")
         if self.latency_ms < 0:
             raise ValueError("latency_ms must be >= 0")
+        if self.rate_limit is not None and self.rate_limit < 1:
+            raise ValueError("rate_limit must be >= 1")
+        if self.rate_window_s <= 0:
+            raise ValueError("rate_window_s must be > 0")
+        if self.rate_headers not in RATE_HEADERS:
+            raise ValueError(
+                f"rate_headers must be one of {', '.join(RATE_HEADERS)}, not {self.rate_headers!r}"
+            )
         if self.request_log_size < 1:
             raise ValueError("request_log_size must be >= 1")
