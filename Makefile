@@ -48,7 +48,7 @@ lint: setup
 	$(BIN)/mypy sync
 
 unit: setup tools dbt-if-possible
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 4 --dist loadfile
 
 test: lint unit
 

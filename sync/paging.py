@@ -203,6 +203,12 @@ class _Alignment:
             last_index, last_stamp = seen[1], seen[0]
         return _Scan(anchor, anchor_was, unseen, unseen - fresh, tied, reordered)
 
+    def reached_end(self, scan: _Scan) -> bool:
+        """Whether the page's last row read before is the last row of the page before it: a
+        short page of old rows that stops short of that (a trimmed answer, a step back) says
+        nothing about where the list ends."""
+        return self.prev_end is None or scan.anchor_was == self.prev_end - self.prev_offset
+
     def absorb(self, scan: _Scan, offset: int, stats: WalkStats) -> None:
         """An anchor found earlier than it stood means rows moved back: widen the overlap."""
         if scan.anchor is None or scan.anchor_was is None:
@@ -309,7 +315,11 @@ class _Walk:
                 yield self._realign(offset, page)
                 continue
             alignment.absorb(scan, offset, self.stats)
-            last = scan.unseen_old == 0 and page.size < max(self.served, alignment.overlap + 1)
+            last = (
+                scan.unseen_old == 0
+                and page.size < max(self.served, alignment.overlap + 1)
+                and (page.size == 0 or alignment.reached_end(scan))
+            )
             if last:
                 self.prefetcher.discard()
             else:

@@ -35,6 +35,8 @@ __all__ = ["Daemon", "serve"]
 
 log = get_logger("sync.daemon")
 
+_AHEAD_SHARE = 4
+"""A claim takes `sync.workers // 4` jobs more than there are free workers, queued here."""
 SYNC = "sync"
 RECONCILE = "reconcile"
 _MAX_TICK_S = 1.0
@@ -189,8 +191,9 @@ class Daemon:
     def _claim_and_start(self, *, wait: bool = False) -> None:
         """Start due jobs on the free workers, claiming from the schedule when none are queued.
 
-        A claim takes a round ahead (up to `sync.workers` more than there are free workers),
-        so a worker that finishes usually starts the next job without a round trip. The tick
+        A claim takes a few ahead (a quarter of `sync.workers` more than there are free
+        workers), so a worker that finishes often starts the next job without a round trip,
+        while other replicas still find due companies to claim. The tick
         gives up at once while a worker claims (`wait` False); a finishing worker waits.
         """
         if not self._claiming.acquire(blocking=wait):
@@ -200,7 +203,7 @@ class Daemon:
             if self._stop.is_set() or free <= 0:
                 return
             if len(self._queued) < free:
-                self._claim(free + self._capacity - len(self._queued))
+                self._claim(free + self._capacity // _AHEAD_SHARE - len(self._queued))
             while free > 0 and self._queued:
                 company_id, job = self._queued.popleft()
                 self._running.add(company_id)

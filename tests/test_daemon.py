@@ -235,6 +235,9 @@ class TestScaleOut:
                 return done == set(companies)
 
             wait_until(all_synced, 30, "every company synced once")
+            for company in companies:  # passes that take a while, so one is caught mid-way
+                srv.data.update(company, count=150)
+            srv.faults.latency_ms = 300
             victim = daemons[0]
             wait_until(lambda: _mid_pass(victim), 20, "replica 0 mid-pass")
             killed_at = time.time()  # no other replica can take its locks before this
