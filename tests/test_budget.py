@@ -405,7 +405,8 @@ class TestAgainstTheSandbox:
             report = run_pass(settings)
             seen = server.requests()
         assert len(seen) == report.requests >= 3
-        assert seen[-1].at - seen[0].at >= (len(seen) - 1) / 3 - 0.01
+        # Spaced by the budget; arrival times at the server carry a few ms of loopback jitter.
+        assert seen[-1].at - seen[0].at >= (len(seen) - 1) / 3 - 0.05
         assert report.retries == {}
         assert mirror_rows(settings.database.url) == upstream_rows(server)
 

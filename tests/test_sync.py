@@ -73,6 +73,22 @@ class TestFullLoad:
         # The three rows, and the page that proves the end: nothing fetched ahead of a short page.
         assert len(sandbox.requests()) - before == 2
 
+    def test_a_late_commit_behind_a_quiet_cursor_is_still_read(
+        self, sandbox: SandboxServer, db_url: str
+    ) -> None:
+        """A row committed after a quiet pass with a stamp before that pass's cursor (the
+        pass's start minus the lookback) is read by the next pass: its window reaches back
+        twice the lookback from that start."""
+        settings = make_settings(sandbox, db_url)
+        began = datetime.now(UTC)
+        first = run_pass(settings)
+        assert first.cursor_after is not None
+        late = began - timedelta(seconds=450)  # before the cursor, within twice the lookback
+        assert late < first.cursor_after
+        (row,) = sandbox.data.insert("1", updated_at=late)
+        run_pass(settings)
+        assert mirror_rows(db_url)[row] == upstream_rows(sandbox)[row]
+
 
 class TestCursorBound:
     def test_the_server_clock_bounds_the_cursor_when_ours_runs_ahead(
